@@ -29,14 +29,27 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.pretrained = ''  # path to a backbone .pth or converted checkpoint; '' = random init
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'pascal'  # 'cityscapes' | 'pascal' (folder layout and class names)
+  # 'cityscapes' | 'pascal' | 'synthetic' (folder layout and class names; 'synthetic' is the
+  # generated demo dataset in the Cityscapes layout, see uccl_jax/data/synthetic.py).
+  config.data.name = 'pascal'
   config.data.source = 'folder'  # 'folder' (split files under data.root) | 'tfds'
+  # Dataset root. '' with name 'synthetic': the demo dataset, generated into the cache on first use.
   config.data.root = ''
-  config.data.labeled_split = ''  # UniMatch-format list: 'image_path mask_path' per line
+  # UniMatch-format lists, 'image_path mask_path' per line, paths relative to data.root. A split path
+  # is used as given when absolute, else relative to the current directory when that file exists,
+  # else relative to data.root.
+  config.data.labeled_split = ''
   config.data.unlabeled_split = ''
   config.data.val_split = ''
-  config.data.num_labeled = 0  # when no split files are given: labeled images drawn with split_seed
+  # No labeled/unlabeled split files: draw the labeled images from the full train list with
+  # split_seed, num_labeled of them (or labeled_fraction of the list when num_labeled is 0), and
+  # write both lists into <workdir>/splits/ so the run can be repeated.
+  config.data.num_labeled = 0
+  config.data.labeled_fraction = 0.0
   config.data.split_seed = 0
+  config.data.tfds_name = 'cityscapes/semantic_segmentation'  # with data.source = 'tfds'
+  config.data.tfds_data_dir = ''  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets)
+  config.data.synthetic_seed = 0  # the demo dataset's generation seed (name 'synthetic', root '')
   config.data.crop_size = 321
   config.data.num_classes = 21
   config.data.ignore_index = 255

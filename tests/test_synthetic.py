@@ -1,0 +1,113 @@
+"""Tests of the generated demo dataset (uccl_jax/data/synthetic.py)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_fixtures
+from uccl_jax.data import sources
+from uccl_jax.data import synthetic
+
+SMALL = {'num_train': 6, 'num_labeled': 2, 'num_val': 2, 'size': (32, 64)}
+
+
+def _files(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob('*')) if path.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+  first = _files(synthetic.generate(tmp_path / 'a', seed=3, **SMALL))
+  second = _files(synthetic.generate(tmp_path / 'b', seed=3, **SMALL))
+  other = _files(synthetic.generate(tmp_path / 'c', seed=4, **SMALL))
+  assert first == second
+  assert len(first) == 2 * (6 + 2) + 5  # images + masks, 4 split files, synthetic.json
+  image = 'leftImg8bit/train/synthville/synthville_000000_000019_leftImg8bit.png'
+  assert first[image] != other[image]
+
+
+def test_layout_splits_and_labels(tmp_path):
+  root = synthetic.generate(tmp_path / 'd', seed=0, **SMALL)
+  labeled = sources.read_split_file(root / 'splits' / 'labeled.txt')
+  unlabeled = sources.read_split_file(root / 'splits' / 'unlabeled.txt')
+  every = sources.read_split_file(root / 'splits' / 'train_all.txt')
+  assert (len(labeled), len(unlabeled), len(every)) == (2, 4, 6)
+  assert sorted(e.image for e in labeled + unlabeled) == sorted(e.image for e in every)
+  config = data_fixtures.data_config({'root': root, 'labeled': root / 'splits/labeled.txt',
+                                      'unlabeled': root / 'splits/unlabeled.txt', 'val': root / 'splits/val.txt',
+                                      'num_classes': synthetic.NUM_CLASSES}, 'synthetic')
+  record = sources.make_source(config, 'val')[1]
+  assert record['image'].shape == (32, 64, 3) and record['mask'].shape == (32, 64)
+  assert record['mask'].max() < synthetic.NUM_CLASSES
+
+
+def test_scenes_hold_several_classes_and_colour_alone_does_not_name_them():
+  # Pixel colour -> majority class, learned on 40 scenes and scored on 40 others: if colour gave the
+  # class away this would be near 100%; shape, texture and context must carry the rest.
+  def scenes(offset):
+    pairs = [synthetic.render_scene(np.random.default_rng([9, offset + i]), (64, 128)) for i in range(40)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  train_images, train_masks = scenes(0)
+  test_images, test_masks = scenes(1000)
+  assert len(np.unique(train_masks)) == synthetic.NUM_CLASSES
+  def bins(images):
+    quantized = images.astype(np.int64) // 32
+    return (quantized[..., 0] * 64 + quantized[..., 1] * 8 + quantized[..., 2]).ravel()
+  votes = np.zeros((512, synthetic.NUM_CLASSES), np.int64)
+  np.add.at(votes, (bins(train_images), train_masks.ravel()), 1)
+  predicted = votes.argmax(1)[bins(test_images)]
+  objects = np.isin(test_masks.ravel(), [synthetic.BUILDING, synthetic.CAR, synthetic.PERSON, synthetic.POLE])
+  assert (predicted[objects] == test_masks.ravel()[objects]).mean() < 0.6
+
+
+def test_ensure_dataset_is_atomic_and_reuses_a_complete_copy(tmp_path, monkeypatch):
+  root = tmp_path / 'cache' / 'synthetic'
+  real_generate = synthetic.generate
+
+  def cut_off(staging, **settings):
+    real_generate(staging, **{**settings, 'num_val': 1})
+    raise KeyboardInterrupt  # cut off before the rename
+  monkeypatch.setattr(synthetic, 'generate', cut_off)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.ensure_dataset(root, seed=1, **SMALL)
+  assert not root.exists() and list((tmp_path / 'cache').iterdir()) == []
+  monkeypatch.setattr(synthetic, 'generate', real_generate)
+  assert synthetic.ensure_dataset(root, seed=1, **SMALL) == root
+  stamp = (root / 'synthetic.json').stat().st_mtime_ns
+  assert synthetic.ensure_dataset(root, seed=1, **SMALL) == root
+  assert (root / 'synthetic.json').stat().st_mtime_ns == stamp
+  with pytest.raises(sources.DataError, match='generated with other settings'):
+    synthetic.ensure_dataset(root, seed=2, **SMALL)
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'keep.txt').write_text('mine')
+  with pytest.raises(sources.DataError, match='not a generated synthetic dataset'):
+    synthetic.ensure_dataset(tmp_path / 'other', seed=1, **SMALL)
+  assert (tmp_path / 'other' / 'keep.txt').read_text() == 'mine'
+
+
+def test_default_cache_and_empty_root_config(tmp_path, monkeypatch):
+  monkeypatch.setenv('UCCL_JAX_CACHE', str(tmp_path / 'cache'))
+  root = synthetic.ensure_dataset(seed=0, **SMALL)
+  assert root.parent == tmp_path / 'cache' and root.name.startswith(f'synthetic-v{synthetic.VERSION}-seed0')
+  assert Image.open(next(root.glob('leftImg8bit/val/*/*.png'))).size == (64, 32)
+
+
+def test_cli_writes_the_dataset(tmp_path, capsys):
+  assert synthetic.main(['--out', str(tmp_path / 'demo'), '--num_train', '3', '--num_labeled', '1', '--num_val', '1',
+                         '--height', '16', '--width', '32']) == 0
+  assert (tmp_path / 'demo' / 'splits' / 'val.txt').exists()
+  assert synthetic.main(['--out', str(tmp_path / 'demo'), '--seed', '7']) == 1
+  assert 'error:' in capsys.readouterr().out
+
+
+def test_empty_root_with_name_synthetic_uses_the_cached_dataset(tmp_path, monkeypatch):
+  small = synthetic.generate(tmp_path / 'small', seed=5, **SMALL)
+  asked = []
+  monkeypatch.setattr(synthetic, 'ensure_dataset', lambda **kwargs: asked.append(kwargs) or small)
+  config = data_fixtures.data_config({'root': '', 'labeled': 'splits/labeled.txt', 'unlabeled': 'splits/unlabeled.txt',
+                                      'val': 'splits/val.txt', 'num_classes': 7}, 'synthetic', synthetic_seed=5)
+  monkeypatch.chdir(tmp_path)  # no splits/ here: the split paths resolve against the generated root
+  assert len(sources.make_source(config, 'labeled')) == 2 and asked == [{'seed': 5}]
