@@ -13,8 +13,10 @@ import numpy as np
 def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
   """a.b / (max(|a|, eps) * max(|b|, eps)) along `axis`: PyTorch's CosineSimilarity(eps=1e-6)."""
   dot = jnp.sum(a * b, axis=axis)
-  norm_a = jnp.maximum(jnp.sqrt(jnp.sum(a * a, axis=axis)), eps)
-  norm_b = jnp.maximum(jnp.sqrt(jnp.sum(b * b, axis=axis)), eps)
+  # max(sqrt(s), eps) == sqrt(max(s, eps^2)); the second form has a finite gradient at s = 0
+  # (all-zero post-ReLU features), where d sqrt(s)/ds is infinite.
+  norm_a = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=axis), eps * eps))
+  norm_b = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=axis), eps * eps))
   return dot / (norm_a * norm_b)
 
 

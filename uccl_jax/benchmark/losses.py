@@ -1,0 +1,228 @@
+"""`python -m uccl_jax.benchmark losses`: SBU + CKR, jitted, against the per-image per-class loops.
+
+Times, on the same random inputs (Pascal setting at feature resolution by
+default: B=4, 81x81, C=21, D=256):
+  * jax: `losses.sbu_and_ckr_losses`, forward + backward (gradients into the
+    strong logits, the strong features and the weak logits, as in training),
+    jitted; median and minimum over --repeats calls after one compile call,
+    each ended by block_until_ready;
+  * numpy loops: `losses_reference.sbu_loss` + `ckr_loss` on NumPy arrays,
+    forward only (the loop references compute values, not gradients), so the
+    printed speed-up understates the forward+backward ratio;
+  * torch loops (when torch is importable and --torch_loops): the same loop
+    references on float32 torch tensors with autograd, forward + backward, the
+    like-for-like comparison with the released PyTorch code's loops.
+--compare_segment_ops also times CKR's D-dimensional class-feature sums
+(forward + backward) as `jax.ops.segment_sum` with its generic gradient, as a
+one-hot matmul and as what `uccl_jax.losses` uses (segment_sum forward, custom
+gather backward).
+Medians are noisy on a shared machine; the minimum is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uccl_jax import losses
+from uccl_jax import losses_reference
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark losses',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--size', type=int, default=81, help='feature map height = width')
+  parser.add_argument('--classes', type=int, default=21)
+  parser.add_argument('--channels', type=int, default=256)
+  parser.add_argument('--threshold', type=float, default=0.95, help='SBU confidence threshold')
+  parser.add_argument('--variant', choices=losses.SBU_VARIANTS, default='reference')
+  parser.add_argument('--ignored_fraction', type=float, default=0.1)
+  parser.add_argument('--repeats', type=int, default=20, help='timed calls of the jitted loss')
+  parser.add_argument('--loop_repeats', type=int, default=3, help='timed calls of the loops')
+  parser.add_argument('--torch_loops', action=argparse.BooleanOptionalAction, default=True,
+                      help='also time the loops on torch tensors, forward + backward')
+  parser.add_argument('--compare_segment_ops', action='store_true')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(list(argv))
+  for name in ('batch', 'size', 'classes', 'channels', 'repeats', 'loop_repeats'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+  return args
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
+  """Random logits/features; weak logits scaled so that conf spans both sides of 0.95."""
+  rng = np.random.default_rng(args.seed)
+  logits_shape = (args.batch, args.size, args.size, args.classes)
+  features_shape = (args.batch, args.size, args.size, args.channels)
+  weak_scale = rng.uniform(0.5, 6.0, size=(args.batch, args.size, args.size, 1))
+  return {
+      'weak_logits': (rng.normal(size=logits_shape) * weak_scale).astype(np.float32),
+      'strong_logits': rng.normal(size=logits_shape).astype(np.float32),
+      'weak_features': np.maximum(rng.normal(size=features_shape), 0.0).astype(np.float32),
+      'strong_features': np.maximum(rng.normal(size=features_shape), 0.0).astype(np.float32),
+      'ignore': rng.random(logits_shape[:3]) < args.ignored_fraction,
+  }
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _describe(times: list[float]) -> str:
+  return f'median {statistics.median(times) * 1e3:9.2f} ms   min {min(times) * 1e3:9.2f} ms'
+
+
+def _jax_step(args: argparse.Namespace,
+              data: dict[str, np.ndarray]) -> tuple[Callable[[], Any], float, dict[str, float]]:
+  """The jitted forward+backward, the total loss (for the cross-check), XLA's cost model."""
+
+  def total_loss(weak_logits, strong_logits, weak_features, strong_features, ignore):
+    sbu, ckr = losses.sbu_and_ckr_losses(weak_logits, strong_logits, weak_features,
+                                         strong_features, ignore, threshold=args.threshold,
+                                         variant=args.variant)
+    return sbu + ckr
+
+  step = jax.jit(jax.value_and_grad(total_loss, argnums=(0, 1, 3)))
+  device_inputs = [jnp.asarray(data[k]) for k in ('weak_logits', 'strong_logits', 'weak_features',
+                                                  'strong_features', 'ignore')]
+  value, _ = jax.block_until_ready(step(*device_inputs))  # compile
+  cost = step.lower(*device_inputs).compile().cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return lambda: jax.block_until_ready(step(*device_inputs)), float(value), cost
+
+
+def _read_features_once(data: dict[str, np.ndarray]) -> tuple[Callable[[], Any], int]:
+  """A memory-traffic yardstick: one jitted pass reading both feature tensors."""
+  weak, strong = jnp.asarray(data['weak_features']), jnp.asarray(data['strong_features'])
+  read = jax.jit(lambda a, b: jnp.sum(a * b))
+  jax.block_until_ready(read(weak, strong))
+  return lambda: jax.block_until_ready(read(weak, strong)), weak.nbytes
+
+
+def _numpy_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> float:
+  sbu = losses_reference.sbu_loss(data['weak_logits'], data['strong_logits'],
+                                  data['weak_features'], data['strong_features'], data['ignore'],
+                                  threshold=args.threshold, variant=args.variant)
+  ckr = losses_reference.ckr_loss(data['weak_logits'], data['weak_features'],
+                                  data['strong_features'], data['ignore'])
+  return float(sbu + ckr)
+
+
+def _torch_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> Callable[[], Any]:
+  import torch  # pylint: disable=g-import-not-at-top  # optional, benchmark only
+
+  def run() -> None:
+    tensors = {k: torch.from_numpy(v) for k, v in data.items()}
+    for k in ('weak_logits', 'strong_logits', 'strong_features'):
+      tensors[k].requires_grad_(True)
+    sbu = losses_reference.sbu_loss(tensors['weak_logits'], tensors['strong_logits'],
+                                    tensors['weak_features'], tensors['strong_features'],
+                                    tensors['ignore'], threshold=args.threshold,
+                                    variant=args.variant, backend='torch')
+    ckr = losses_reference.ckr_loss(tensors['weak_logits'], tensors['weak_features'],
+                                    tensors['strong_features'], tensors['ignore'],
+                                    backend='torch')
+    (sbu + ckr).backward()
+
+  return run
+
+
+def _compare_segment_ops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> None:
+  """CKR's class features sum_p w_p F_p per (image, class), forward + backward, four ways."""
+  batch, size, classes = args.batch, args.size, args.classes
+  pixels = size * size
+  features = jnp.asarray(data['strong_features'].reshape(batch, pixels, -1))
+  labels = jnp.asarray(data['weak_logits'].reshape(batch, pixels, classes).argmax(-1))
+  weights = jnp.asarray(np.random.default_rng(args.seed).random((batch, pixels),
+                                                                 dtype=np.float32))
+  segment_ids = (jnp.arange(batch)[:, None] * classes + labels).reshape(-1)
+  flat = lambda x: x.reshape(batch * pixels, *x.shape[2:])
+
+  def segment_sum(w, f):
+    return jax.ops.segment_sum(flat(w)[:, None] * flat(f), segment_ids, batch * classes)
+
+  def one_hot_matmul(w, f):
+    one_hot = jnp.where(labels[..., None] == jnp.arange(classes), w[..., None], 0.0)
+    return jnp.einsum('bpc,bpd->bcd', one_hot, f, precision=jax.lax.Precision.HIGHEST)
+
+  def chosen(w, f):  # what uccl_jax.losses uses: segment_sum forward, custom gather backward
+    return losses._weighted_class_sums(w, f, labels, classes)  # pylint: disable=protected-access
+
+  for name, fn in (('jax.ops.segment_sum', segment_sum), ('one-hot matmul', one_hot_matmul),
+                   ('custom (uccl_jax)', chosen)):
+    step = jax.jit(jax.grad(lambda w, f, fn=fn: jnp.sum(fn(w, f) ** 2), argnums=(0, 1)))
+    jax.block_until_ready(step(weights, features))
+    times = _time(lambda: jax.block_until_ready(step(weights, features)), args.repeats)
+    print(f'class features fwd+bwd, {name:20s} {_describe(times)}')
+
+
+def _speed_up(loop_times: list[float], jax_times: list[float]) -> str:
+  median = statistics.median(loop_times) / statistics.median(jax_times)
+  return f'{median:6.1f}x (medians), {min(loop_times) / min(jax_times):6.1f}x (minima)'
+
+
+def main(argv: Sequence[str]) -> int:
+  """Runs the benchmark; argv[0] is the benchmark name (as dispatched by __main__)."""
+  args = _parse(argv[1:])
+  data = _inputs(args)
+  print(f'SBU ({args.variant}) + CKR at B={args.batch}, {args.size}x{args.size}, '
+        f'C={args.classes}, D={args.channels}, threshold={args.threshold}; '
+        f'jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs visible)')
+
+  # The loops run first: XLA's worker threads keep spinning for a while after a
+  # JAX call and would steal the CPU from them.
+  numpy_value = _numpy_loops(args, data)
+  numpy_times = _time(lambda: _numpy_loops(args, data), args.loop_repeats)
+  torch_times, torch_threads = None, 0
+  if args.torch_loops:
+    try:
+      torch_call = _torch_loops(args, data)
+    except ImportError:
+      print('torch loops: skipped (torch is not installed)')
+    else:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch_call()  # warm-up
+      torch_times = _time(torch_call, args.loop_repeats)
+      torch_threads = torch.get_num_threads()
+
+  jax_call, jax_value, cost = _jax_step(args, data)
+  jax_times = _time(jax_call, args.repeats)
+  read_call, feature_bytes = _read_features_once(data)
+  read_times = _time(read_call, args.repeats)
+
+  print(f'jax, jitted, forward+backward:     {_describe(jax_times)}   ({args.repeats} calls)')
+  print(f'numpy loops, forward only:         {_describe(numpy_times)}   '
+        f'({args.loop_repeats} calls)')
+  if torch_times is not None:
+    print(f'torch loops, forward+backward:     {_describe(torch_times)}   '
+          f'({args.loop_repeats} calls, {torch_threads} threads)')
+  print(f'speed-up over numpy loops (their forward only): {_speed_up(numpy_times, jax_times)}')
+  if torch_times is not None:
+    print(f'speed-up over torch loops (forward+backward):   {_speed_up(torch_times, jax_times)}')
+  relative = abs(jax_value - numpy_value) / max(abs(numpy_value), 1e-12)
+  print(f'loss: jax {jax_value:.7f}, numpy loops {numpy_value:.7f} (relative difference '
+        f'{relative:.1e})')
+  bytes_accessed = cost.get('bytes accessed', float('nan'))
+  print(f'for scale: one jitted pass reading both feature tensors {_describe(read_times)}; '
+        f'XLA\'s cost model of the jax step: {bytes_accessed / 1e6:.0f} MB accessed '
+        f'(= {bytes_accessed / feature_bytes:.1f} feature tensors), '
+        f'{cost.get("flops", float("nan")) / 1e6:.0f} MFLOP')
+
+  if args.compare_segment_ops:
+    _compare_segment_ops(args, data)
+  return 0
