@@ -1,0 +1,218 @@
+"""`python -m uccl_jax.convert SOURCE.pth --out=DIR`: layouts, the converted folder, errors, model.pretrained.
+
+State dicts are random-weight torch tensors in UniMatch's / torchvision's key
+layouts built by tests/torch_reference.py (independently of the JAX side);
+the converted networks are compared with its PyTorch forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from uccl_jax import convert
+from uccl_jax import models
+from uccl_jax.models import resnet
+import torch_reference
+
+torch.set_num_threads(1)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Bottleneck [3, 4, 6, 3] (resnet50), deep stem, width 8, head 16, reduce 3, 5 classes.
+ARCH = torch_reference.Arch()
+
+
+def _tiny_deeplab(num_classes: int = 5, **overrides) -> models.DeepLabV3Plus:
+  settings = dict(num_classes=num_classes, backbone='resnet50', width=8, head_channels=16) | overrides
+  return models.DeepLabV3Plus(**settings)
+
+
+def _images(shape=(1, 37, 43, 3), seed=0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _save_unimatch_checkpoint(path, state) -> None:
+  """UniMatch's latest.pth: {'model': DDP state dict ('module.' keys), 'optimizer', 'epoch', ...}."""
+  torch.save({'model': {f'module.{key}': value for key, value in state.items()},
+              'epoch': 7, 'previous_best': 55.0}, path)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, '-m', 'uccl_jax.convert', *args], capture_output=True,
+                        text=True, env=env, timeout=300, check=False)
+
+
+def test_cli_converts_a_unimatch_checkpoint_whose_predictions_equal_the_reference(tmp_path):
+  state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(ARCH), seed=0)
+  source = tmp_path / 'latest.pth'
+  _save_unimatch_checkpoint(source, state)
+  out = tmp_path / 'converted'
+
+  result = _run_cli(str(source), f'--out={out}', '--num-classes=5')
+  assert result.returncode == 0, result.stderr
+  assert 'DeepLabV3Plus, resnet50 (width 8, deep stem), head 16, 5 classes' in result.stdout
+
+  info = json.loads((out / convert.CONVERTED_INFO).read_text())
+  assert info['kind'] == 'deeplab'
+  assert info['architecture'] == {'kind': 'deeplab', 'backbone': 'resnet50', 'width': 8, 'stem': 'deep',
+                                  'head_channels': 16, 'num_classes': 5}
+  assert info['classes']['num_classes'] == 5
+  assert info['source']['path'] == str(source)
+  assert info['source']['sha256'] == hashlib.sha256(source.read_bytes()).hexdigest()
+  assert info['num_parameters'] == sum(v.numel() for k, v in state.items()
+                                       if not k.endswith(('running_mean', 'running_var', 'tracked')))
+
+  model = _tiny_deeplab()
+  variables, where = convert.load_model_variables(out, model)
+  assert str(source) in where
+  images = _images()
+  got = model.apply(variables, images, train=False)
+  expected = torch_reference.deeplab_forward(state, images, ARCH)
+  for key in ('logits', 'features'):
+    assert torch_reference.relative_error(got[key], expected[key]) < 1e-4, key
+  np.testing.assert_array_equal(np.argmax(got['logits'], -1), np.argmax(expected['logits'], -1))
+
+  # Errors from the real command: one line, no traceback, exit status 1, nothing written.
+  bad = _run_cli(str(source), f'--out={tmp_path / "other"}', '--num-classes=21')
+  assert bad.returncode == 1
+  assert bad.stderr.strip().count('\n') == 0 and 'Traceback' not in bad.stderr
+  assert 'class-count mismatch: the checkpoint has 5 classes' in bad.stderr
+  assert not (tmp_path / 'other').exists()
+
+
+def test_backbone_files_deep_and_torchvision_stems(tmp_path, capsys):
+  """UniMatch's pretrained/resnet50.pth and torchvision's resnet18 (7x7 stem; fc.* dropped with a note)."""
+  deep_state = torch_reference.random_state_dict(torch_reference.backbone_shapes(ARCH), seed=1)
+  torch.save(deep_state, tmp_path / 'resnet50.pth')
+  assert convert.main([str(tmp_path / 'resnet50.pth'), f'--out={tmp_path / "r50"}']) == 0
+  info = convert.read_converted_info(tmp_path / 'r50')
+  assert info['kind'] == 'backbone' and info['classes'] is None and info['dropped_keys'] == []
+  assert info['architecture']['stem'] == 'deep' and info['architecture']['backbone'] == 'resnet50'
+
+  tv_arch = torch_reference.Arch(block='basic', layers=(2, 2, 2, 2), stem='standard', width=8)
+  tv_state = torch_reference.random_state_dict(torch_reference.backbone_shapes(tv_arch), seed=2)
+  tv_state |= {'fc.weight': torch.ones(10, 64), 'fc.bias': torch.zeros(10)}
+  torch.save(tv_state, tmp_path / 'resnet18-tv.pth')
+  capsys.readouterr()
+  assert convert.main([str(tmp_path / 'resnet18-tv.pth'), f'--out={tmp_path / "r18"}']) == 0
+  captured = capsys.readouterr()
+  assert 'note: dropped the ImageNet classifier (fc.bias, fc.weight)' in captured.err
+  info = convert.read_converted_info(tmp_path / 'r18')
+  assert info['architecture'] == {'kind': 'backbone', 'backbone': 'resnet18', 'width': 8, 'stem': 'standard',
+                                  'head_channels': None, 'num_classes': None}
+  assert info['dropped_keys'] == ['fc.bias', 'fc.weight']
+
+  # The stored backbone is the 'backbone' subtree of a DeepLab with the 7x7 stem; its features
+  # equal torchvision-style ResNet outputs computed by the reference.
+  variables, _ = convert.read_converted(tmp_path / 'r18')
+  assert set(variables['params']) == {'backbone'} and set(variables['batch_stats']) == {'backbone'}
+  backbone = resnet.build_resnet('resnet18', width=8, stem='standard')
+  images = _images((1, 45, 39, 3), seed=3)
+  outputs = backbone.apply({c: t['backbone'] for c, t in variables.items()}, images, train=False)
+  for got_c, expected_c in zip(outputs, torch_reference.backbone_forward(tv_state, images, tv_arch)):
+    assert torch_reference.relative_error(got_c, expected_c) < 1e-4
+
+
+def test_model_pretrained_takes_the_converted_folder_and_the_pth_alike(tmp_path):
+  """load_pretrained_variables (what train.py's model.pretrained should call) on both forms."""
+  state = torch_reference.random_state_dict(torch_reference.backbone_shapes(ARCH), seed=4)
+  state |= {'fc.weight': torch.ones(3, 256), 'fc.bias': torch.zeros(3)}  # an ImageNet head
+  torch.save(state, tmp_path / 'resnet50.pth')
+  assert convert.main([str(tmp_path / 'resnet50.pth'), f'--out={tmp_path / "r50"}']) == 0
+  model = _tiny_deeplab()
+  from_folder = convert.load_pretrained_variables(tmp_path / 'r50', model)
+  from_file = convert.load_pretrained_variables(tmp_path / 'resnet50.pth', model)
+  assert jax.tree.structure(from_folder) == jax.tree.structure(from_file)
+  for a, b in zip(jax.tree.leaves(from_folder), jax.tree.leaves(from_file)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(from_folder['params']['backbone']['layer1_0']['conv1']['kernel'],
+                                state['layer1.0.conv1.weight'].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(from_folder['batch_stats']['backbone']['bn1']['var'],
+                                state['bn1.running_var'].numpy())
+
+  # A converted backbone for another config names the field to change.
+  with pytest.raises(convert.ConversionError, match=r"config.model.stem is 'standard', set it to 'deep'"):
+    convert.load_pretrained_variables(tmp_path / 'r50', _tiny_deeplab(stem='standard'))
+  with pytest.raises(convert.ConversionError, match=r'config.model.width is 16, set it to 8'):
+    convert.load_pretrained_variables(tmp_path / 'r50', _tiny_deeplab(width=16))
+
+
+def _expect_one_line_error(capsys, argv, *fragments) -> str:
+  assert convert.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  for fragment in fragments:
+    assert fragment in err, err
+  return err
+
+
+def test_errors_are_one_line_and_leave_out_untouched(tmp_path, capsys):
+  out = tmp_path / 'out'
+  torch.save([torch.ones(2)], tmp_path / 'list.pth')
+  _expect_one_line_error(capsys, [str(tmp_path / 'list.pth'), f'--out={out}'], 'not a state dict (holds a list)')
+  torch.save({'epoch': 3, 'previous_best': 1.0}, tmp_path / 'meta.pth')
+  _expect_one_line_error(capsys, [str(tmp_path / 'meta.pth'), f'--out={out}'], 'not a state dict (no tensors')
+  torch.save({'features.0.weight': torch.ones(4, 3, 3, 3)}, tmp_path / 'vgg.pth')
+  _expect_one_line_error(capsys, [str(tmp_path / 'vgg.pth'), f'--out={out}'], 'unknown architecture: no ResNet stem')
+  odd = torch_reference.random_state_dict(
+      torch_reference.backbone_shapes(torch_reference.Arch(layers=(3, 4, 5, 3))), seed=5)
+  torch.save(odd, tmp_path / 'odd.pth')
+  _expect_one_line_error(capsys, [str(tmp_path / 'odd.pth'), f'--out={out}'],
+                         'unknown architecture: bottleneck blocks per stage [3, 4, 5, 3]')
+  _expect_one_line_error(capsys, [str(tmp_path / 'missing.pth'), f'--out={out}'], 'no such file')
+  assert not out.exists()
+
+  # Strictness: a missing, an extra and a mis-shaped key are all named.
+  state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(ARCH), seed=6)
+  del state['backbone.layer2.1.bn2.running_mean']
+  state['head.extra.weight'] = torch.ones(2)
+  state['fuse.0.weight'] = torch.ones(16, 19, 1, 1)
+  _save_unimatch_checkpoint(tmp_path / 'broken.pth', state)
+  _expect_one_line_error(capsys, [str(tmp_path / 'broken.pth'), f'--out={out}'],
+                         '1 missing: backbone.layer2.1.bn2.running_mean', '1 unexpected: head.extra.weight',
+                         '1 mis-shaped: fuse.0.weight (16, 19, 1, 1) (model needs (16, 19, 3, 3))')
+  assert not out.exists()
+
+  # An existing output is never replaced without --overwrite.
+  out.mkdir()
+  (out / 'keep.txt').write_text('mine')
+  good = torch_reference.random_state_dict(torch_reference.backbone_shapes(ARCH), seed=7)
+  torch.save(good, tmp_path / 'good.pth')
+  _expect_one_line_error(capsys, [str(tmp_path / 'good.pth'), f'--out={out}'], 'already exists and is not empty')
+  assert (out / 'keep.txt').read_text() == 'mine'
+  assert convert.main([str(tmp_path / 'good.pth'), f'--out={out}', '--overwrite']) == 0
+  assert convert.is_converted(out) and not (out / 'keep.txt').exists()
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []  # no temporary folders left
+
+
+def test_converted_whole_model_is_checked_against_the_config(tmp_path):
+  state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(ARCH), seed=8)
+  _save_unimatch_checkpoint(tmp_path / 'best.pth', state)
+  assert convert.main([str(tmp_path / 'best.pth'), f'--out={tmp_path / "c"}']) == 0
+  with pytest.raises(convert.ConversionError,
+                     match='class-count mismatch: the weights have 5 classes, data.num_classes is 19'):
+    convert.load_model_variables(tmp_path / 'c', _tiny_deeplab(num_classes=19))
+  with pytest.raises(convert.ConversionError, match='config.model.head_channels is 32, set it to 16'):
+    convert.load_model_variables(tmp_path / 'c', _tiny_deeplab(head_channels=32))
+  # The .pth itself is accepted where a whole model is needed, with the same checks.
+  with pytest.raises(convert.ConversionError, match='class-count mismatch'):
+    convert.load_model_variables(tmp_path / 'best.pth', _tiny_deeplab(num_classes=19))
+  from_pth, _ = convert.load_model_variables(tmp_path / 'best.pth', _tiny_deeplab())
+  from_folder, _ = convert.load_model_variables(tmp_path / 'c', _tiny_deeplab())
+  for a, b in zip(jax.tree.leaves(from_pth), jax.tree.leaves(from_folder)):
+    np.testing.assert_array_equal(a, b)
+  # A backbone folder is refused for evaluation/prediction.
+  torch.save(torch_reference.random_state_dict(torch_reference.backbone_shapes(ARCH), seed=9),
+             tmp_path / 'r50.pth')
+  assert convert.main([str(tmp_path / 'r50.pth'), f'--out={tmp_path / "b"}']) == 0
+  with pytest.raises(convert.ConversionError, match='holds a backbone only'):
+    convert.load_model_variables(tmp_path / 'b', _tiny_deeplab())

@@ -1,0 +1,424 @@
+"""Colour masks, overlays and confidence maps for new images: `python -m uccl_jax.predict`.
+
+  python -m uccl_jax.predict --config=configs/cityscapes.py (--workdir=RUN | --checkpoint=DIR) \
+      --images=DIR_OR_GLOB --out=DIR [--mode=sliding_window|original] [--save-probs]
+
+For every image (a folder is searched recursively; names keep their sub-folders):
+  OUT/masks/<name>.png        predicted class per pixel, a palette PNG: the pixel values are the
+                              class indices and the dataset's colour map is stored in the file,
+                              so image viewers show colours and code reads classes directly
+  OUT/overlays/<name>.jpg     the colours blended over the image
+  OUT/confidence/<name>.png   with --save-probs: the softmax confidence (max class probability)
+                              as 8-bit grey (255 = 1.0), and <name>.npy with it as float16;
+                              dark regions are where the model is unsure, the pixels SBU trains
+
+The weights come from `--workdir=RUN` (its best checkpoint, or `--step`), or
+`--checkpoint=DIR`: a run/checkpoints/step folder, a folder written by
+`python -m uccl_jax.convert`, or a whole-model UniMatch/UCCL .pth. They are
+checked strictly against the config's network. Images of one size are batched
+over all local devices (one XLA program per image size). 'sliding_window' is
+the evaluation protocol of uccl_jax.evaluate (windows of data.crop_size,
+probabilities summed), so the masks are exactly what evaluation scores.
+
+Nothing already in OUT is overwritten unless --overwrite; every bad input
+(config, weights, an unreadable image) is one line on stderr, exit status 1,
+found before any file is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import os
+import sys
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image
+
+from uccl_jax import convert
+from uccl_jax import evaluate
+from uccl_jax.data import classes
+from uccl_jax.data import transforms
+from uccl_jax.models import deeplab
+
+MODES = ('original', 'sliding_window')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
+MASKS_DIR, OVERLAYS_DIR, CONFIDENCE_DIR = 'masks', 'overlays', 'confidence'
+OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
+OVERLAY_JPEG_QUALITY = 90
+
+
+class PredictError(Exception):
+  """A bad input to the prediction command (names the flag, file or config field)."""
+
+
+# ----------------------------------------------------------------------------
+# Inputs.
+
+
+def find_images(spec: str) -> list[tuple[str, str]]:
+  """(path, output name without extension) of every image a folder or glob names, sorted.
+
+  Names are relative to the folder (or to the glob's fixed leading folder) so
+  that images of different sub-folders (Cityscapes' cities) never collide.
+  """
+  if os.path.isdir(spec):
+    root = spec
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(spec) for name in names]
+  else:
+    paths = glob.glob(spec, recursive=True)
+    fixed = spec.split('*', 1)[0].split('?', 1)[0].split('[', 1)[0]
+    root = fixed if fixed.endswith(os.sep) else os.path.dirname(fixed)
+  paths = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+  if not paths:
+    raise PredictError(f'--images={spec}: no images found (extensions: {" ".join(IMAGE_EXTENSIONS)})')
+  items = [(path, os.path.splitext(os.path.relpath(path, root or '.'))[0]) for path in paths]
+  seen: dict[str, str] = {}
+  for path, name in items:
+    if name in seen:
+      raise PredictError(f'--images: {seen[name]} and {path} would both be written as {name!r}')
+    seen[name] = path
+  return items
+
+
+def image_size(path: str) -> tuple[int, int]:
+  """(height, width) from the file header, without decoding; PredictError for a non-image."""
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+  except (OSError, SyntaxError, ValueError) as error:
+    raise PredictError(f'{path}: not a readable image ({error})') from None
+  return height, width
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 RGB [H, W, 3] (greyscale, palette and alpha images converted like the pipeline does)."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, SyntaxError, ValueError) as error:
+    raise PredictError(f'{path}: not a readable image ({error})') from None
+
+
+def class_palette(config: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 [256, 3]: the dataset's colours (Cityscapes, VOC, synthetic), else the VOC colour map.
+
+  The VOC map is the fallback for custom datasets because every index gets a
+  distinct colour and VOC tools already show it.
+  """
+  num_classes = int(config.data.num_classes)
+  try:
+    table = classes.for_dataset(config.data.name)
+  except ValueError:
+    table = None
+  if table is None or table.num_classes != num_classes:
+    return classes.voc_colormap(256)
+  return table.color_lookup()
+
+
+# ----------------------------------------------------------------------------
+# The network on a batch of equal-size images.
+
+
+@functools.partial(jax.jit, static_argnames=('window',))
+def _labels_and_confidence(predict_fn: jax.tree_util.Partial, images: jax.Array,
+                           window: int | None) -> tuple[jax.Array, jax.Array]:
+  """(i32 [B, H, W] labels, f32 [B, H, W] confidence) of normalised images f32 [B, H, W, 3].
+
+  'sliding_window' (window = crop size) sums the window softmaxes in
+  evaluate's tiling and takes the argmax of the sum, exactly as evaluation
+  does; the confidence is that sum's maximum over the number of windows
+  covering the pixel (the mean probability of the chosen class).
+  """
+  if window is None:
+    probs = jax.nn.softmax(predict_fn(images).astype(jnp.float32), axis=-1)
+    return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
+  batch, height, width, _ = images.shape
+  tiles = evaluate.sliding_window_tiles(height, width, window)
+  by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+  for index, (_, _, h, w) in enumerate(tiles):
+    by_shape[(h, w)].append(index)
+  probs_of_tile = {}
+  for (h, w), indices in by_shape.items():  # one network call per window shape
+    windows = jnp.stack([images[:, tiles[i][0]:tiles[i][0] + h, tiles[i][1]:tiles[i][1] + w]
+                         for i in indices], axis=1).reshape(batch * len(indices), h, w, -1)
+    probs = jax.nn.softmax(predict_fn(windows).astype(jnp.float32), axis=-1)
+    probs = probs.reshape(batch, len(indices), h, w, -1)
+    for t, i in enumerate(indices):
+      probs_of_tile[i] = probs[:, t]
+  total = jnp.zeros((batch, height, width, probs_of_tile[0].shape[-1]), jnp.float32)
+  coverage = jnp.zeros((height, width), jnp.float32)
+  for i, (row, col, h, w) in enumerate(tiles):  # evaluate's summation order
+    total = total.at[:, row:row + h, col:col + w].add(probs_of_tile[i])
+    coverage = coverage.at[row:row + h, col:col + w].add(1.0)
+  return jnp.argmax(total, axis=-1).astype(jnp.int32), jnp.max(total, axis=-1) / coverage
+
+
+class Predictor:
+  """The model with its variables replicated on this process's devices; batches split over them."""
+
+  def __init__(self, model: deeplab.DeepLabV3Plus, variables: Mapping[str, Any], *,
+               devices: Sequence[jax.Device] | None = None):
+    self.mesh = jax.sharding.Mesh(np.array(list(devices or jax.local_devices())), ('batch',))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    variables = jax.device_put({k: variables[k] for k in ('params', 'batch_stats')}, replicated)
+    self.predict_fn = evaluate.make_predict_fn(model, variables)
+    self._batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('batch'))
+
+  @property
+  def num_devices(self) -> int:
+    return int(self.mesh.devices.size)
+
+  def __call__(self, images: np.ndarray, *, mode: str = 'original',
+               crop_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels i32 [B, H, W], confidence f32 [B, H, W]) of normalised images f32 [B, H, W, 3]."""
+    if mode not in MODES:
+      raise PredictError(f'--mode={mode}: expected one of {", ".join(MODES)}')
+    if mode == 'sliding_window' and crop_size < 2:
+      raise PredictError(f'--mode=sliding_window needs data.crop_size >= 2, got {crop_size}')
+    count = images.shape[0]
+    padded = -count % self.num_devices
+    if padded:  # copies of the last image, dropped again below
+      images = np.concatenate([images, np.repeat(images[-1:], padded, axis=0)])
+    labels, confidence = _labels_and_confidence(
+        self.predict_fn, jax.device_put(np.asarray(images, np.float32), self._batch_sharding),
+        window=crop_size if mode == 'sliding_window' else None)
+    return np.asarray(labels)[:count], np.asarray(confidence)[:count]
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+
+
+def save_mask(path: str, labels: np.ndarray, palette: np.ndarray) -> None:
+  """A palette ('P') PNG: pixel values are class indices, `palette` [256, 3] is stored in it."""
+  image = Image.fromarray(np.asarray(labels, np.uint8), mode='P')
+  image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
+  image.save(path)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+  """uint8 [H, W, 3]: the class colours blended over the image with weight `alpha`."""
+  colors = np.asarray(palette, np.float32)[np.asarray(labels, np.uint8)]
+  blended = (1.0 - alpha) * np.asarray(image, np.float32) + alpha * colors
+  return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def output_paths(out: str, name: str, save_probs: bool) -> list[str]:
+  paths = [os.path.join(out, MASKS_DIR, f'{name}.png'), os.path.join(out, OVERLAYS_DIR, f'{name}.jpg')]
+  if save_probs:
+    paths += [os.path.join(out, CONFIDENCE_DIR, f'{name}.png'),
+              os.path.join(out, CONFIDENCE_DIR, f'{name}.npy')]
+  return paths
+
+
+def _write_outputs(out: str, name: str, image: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
+                   palette: np.ndarray, save_probs: bool) -> None:
+  paths = output_paths(out, name, save_probs)
+  for path in paths:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  save_mask(paths[0], labels, palette)
+  Image.fromarray(overlay(image, labels, palette)).save(paths[1], quality=OVERLAY_JPEG_QUALITY)
+  if save_probs:
+    Image.fromarray(np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8), mode='L').save(paths[2])
+    np.save(paths[3], confidence.astype(np.float16))
+
+
+def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+  """Indices grouped by image size (first-seen order), at most `batch_size` per group."""
+  by_size: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+  for index, size in enumerate(sizes):
+    by_size[size].append(index)
+  return [indices[start:start + batch_size] for indices in by_size.values()
+          for start in range(0, len(indices), batch_size)]
+
+
+def check_inputs(images: Sequence[tuple[str, str]], out: str, *, save_probs: bool = False,
+                 overwrite: bool = False) -> list[tuple[int, int]]:
+  """(height, width) of every image, read from the headers; PredictError for an unreadable image
+  or, without `overwrite`, for an output file that exists already. Writes nothing."""
+  sizes = [image_size(path) for path, _ in images]
+  if not overwrite:
+    existing = [p for _, name in images for p in output_paths(out, name, save_probs) if os.path.exists(p)]
+    if existing:
+      raise PredictError(f'--out={out}: {len(existing)} output files exist already (e.g. {existing[0]}); '
+                         'choose another --out or pass --overwrite')
+  return sizes
+
+
+def predict_images(predictor: Predictor, images: Sequence[tuple[str, str]], out: str, *,
+                   palette: np.ndarray, mode: str = 'original', crop_size: int = 0,
+                   save_probs: bool = False, batch_size: int | None = None, overwrite: bool = False,
+                   sizes: Sequence[tuple[int, int]] | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
+  """Writes masks/overlays (and confidence maps) of `images` [(path, name)] under `out`.
+
+  Inputs are checked (check_inputs, unless their `sizes` are given because the
+  caller did) before the first write, so an unreadable image or an existing
+  output stops the run with nothing written. Returns the number of images
+  done; `progress(n)` gets the number done after each batch.
+  """
+  if sizes is None:
+    sizes = check_inputs(images, out, save_probs=save_probs, overwrite=overwrite)
+  batch_size = batch_size or predictor.num_devices
+  done = 0
+  for indices in same_size_batches(sizes, batch_size):
+    pixels = [read_image(images[i][0]) for i in indices]
+    for i, image in zip(indices, pixels):
+      if image.shape[:2] != sizes[i]:
+        raise PredictError(f'{images[i][0]}: decoded size {image.shape[:2]} != header size {sizes[i]}')
+    labels, confidence = predictor(np.stack([transforms.normalize(image) for image in pixels]),
+                                   mode=mode, crop_size=crop_size)
+    for k, i in enumerate(indices):
+      _write_outputs(out, images[i][1], pixels[k], labels[k], confidence[k], palette, save_probs)
+    done += len(indices)
+    if progress is not None:
+      progress(done)
+  return done
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags(values: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any]:
+  """The flags, on a private FlagValues (so importing this module defines nothing global).
+
+  config_flags finds the `--config.a.b=...` overrides in `argv` (it would read
+  sys.argv otherwise, which is wrong when `main` is called with a list).
+  """
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', None, 'Config file (configs/*.py[:arg]); its model and data fields describe '
+          'the network, the classes and the palette.', flag_values=values, lock_config=True,
+          sys_argv=list(argv)),
+      'workdir': flags.DEFINE_string('workdir', None, 'Run folder: predict with its checkpoint.',
+                                     flag_values=values),
+      'checkpoint': flags.DEFINE_string(
+          'checkpoint', None, 'Run/checkpoints/step folder, converted folder (uccl_jax.convert) or '
+          'whole-model .pth.', flag_values=values),
+      'step': flags.DEFINE_string('step', 'best', "Which checkpoint of a run: 'best', 'latest' or a "
+                                  'step number.', flag_values=values),
+      'images': flags.DEFINE_string('images', None, 'A folder (searched recursively) or a glob.',
+                                    flag_values=values),
+      'out': flags.DEFINE_string('out', None, 'Output folder.', flag_values=values),
+      'mode': flags.DEFINE_string('mode', None, "'original' (whole image) or 'sliding_window' "
+                                  '(windows of data.crop_size); default: eval.mode when it is one '
+                                  "of them, else 'original'.", flag_values=values),
+      'save-probs': flags.DEFINE_bool('save-probs', False, 'Also write the softmax confidence maps.',
+                                      flag_values=values),
+      'batch_size': flags.DEFINE_integer('batch_size', None, 'Images per network call (default: the '
+                                         'number of local devices).', flag_values=values),
+      'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace outputs that exist already.',
+                                     flag_values=values),
+  }
+
+
+def _one_line(error: BaseException) -> str:
+  """The last meaningful line of an error (config_flags embeds tracebacks in its messages)."""
+  while error.__cause__ is not None and not str(error).strip():
+    error = error.__cause__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    return lines[-1]
+  return ' '.join(lines) or type(error).__name__
+
+
+def _parse(argv: Sequence[str]) -> dict[str, Any]:
+  """Flag values by name ({} after printing --help); PredictError (one line) for any problem."""
+  values = flags.FlagValues()
+  holders = _define_flags(values, argv)
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg[len('--config='):].split(':', 1)[0]
+      if not os.path.isfile(path):
+        raise PredictError(f'--config: no such file {path}')
+  if any(arg in ('--help', '-h', '--helpfull') for arg in argv[1:]):
+    print(__doc__)
+    print(values.get_help())
+    return {}
+  try:
+    rest = values(list(argv))
+    config = holders['config'].value
+    if config is not None:
+      config.keys()  # config_flags loads lazily: make a broken file fail here
+  except (AttributeError, KeyError) as error:
+    raise PredictError(f'--config: no such config field {str(error).strip(chr(34) + chr(39))} '
+                       '(see uccl_jax/config.py for the schema)') from None
+  except Exception as error:  # noqa: BLE001 -- flag syntax, a config file that fails to load
+    raise PredictError(_one_line(error)) from None
+  if len(rest) > 1:
+    raise PredictError(f'unexpected arguments: {" ".join(rest[1:])}')
+  parsed = {name: holder.value for name, holder in holders.items()}
+  if parsed['config'] is None:
+    raise PredictError('--config is required (e.g. --config=configs/synthetic.py)')
+  if bool(parsed['workdir']) == bool(parsed['checkpoint']):
+    raise PredictError('give exactly one of --workdir=RUN and --checkpoint=DIR')
+  for name in ('images', 'out'):
+    if not parsed[name]:
+      raise PredictError(f'--{name} is required')
+  if parsed['batch_size'] is not None and parsed['batch_size'] < 1:
+    raise PredictError(f'--batch_size={parsed["batch_size"]} must be positive')
+  return parsed
+
+
+def _progress_bar(total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=total, unit='image', desc='predict', file=sys.stderr, dynamic_ncols=True)
+
+  def update(done: int) -> None:
+    bar.update(done - bar.n)
+  return update, bar.close
+
+
+def run(argv: Sequence[str]) -> int:
+  """The command: 0 on success, 1 (one line on stderr) for any expected failure."""
+  try:
+    parsed = _parse(argv)
+    if not parsed:  # --help
+      return 0
+    config = parsed['config']
+    mode = parsed['mode'] or (config.eval.mode if config.eval.mode in MODES else 'original')
+    if mode not in MODES:
+      raise PredictError(f'--mode={mode}: expected one of {", ".join(MODES)}')
+    try:
+      model = deeplab.from_config(config.model, int(config.data.num_classes))
+    except ValueError as error:
+      raise PredictError(str(error)) from None
+    images = find_images(parsed['images'])
+    source = parsed['checkpoint'] or parsed['workdir']
+    variables, where = convert.load_model_variables(source, model, which=parsed['step'])
+    out = os.path.abspath(parsed['out'])
+    sizes = check_inputs(images, out, save_probs=parsed['save-probs'], overwrite=parsed['overwrite'])
+    predictor = Predictor(model, variables)
+    print(f'predicting {len(images)} images with {where} ({mode}, {predictor.num_devices} devices)',
+          file=sys.stderr, flush=True)
+    update, close = _progress_bar(len(images))
+    try:
+      done = predict_images(predictor, images, out, palette=class_palette(config), mode=mode,
+                            crop_size=int(config.data.crop_size), save_probs=parsed['save-probs'],
+                            batch_size=parsed['batch_size'], sizes=sizes, progress=update)
+    finally:
+      close()
+    print(f'wrote {done} masks to {os.path.join(out, MASKS_DIR)}',
+          file=sys.stderr, flush=True)
+    return 0
+  except (PredictError, convert.ConversionError) as error:
+    print(f'error: {" ".join(str(error).split())}', file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+  return run(['uccl_jax.predict', *(sys.argv[1:] if argv is None else list(argv))])
+
+
+if __name__ == '__main__':
+  sys.exit(main())
