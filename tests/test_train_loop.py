@@ -1,0 +1,257 @@
+"""The training loop: save/eval schedule, NaN stop, SIGTERM, and exact resume of a real run.
+
+The schedule tests drive `train.run_loop` with a counting fake step (no model,
+milliseconds). The resume test runs the real command line on the tiny
+synthetic setup of test_main.py: 4 steps straight against 1 step stopped by
+SIGTERM, resumed to step 2 (`train.max_steps`), resumed again to 4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uccl_jax import checkpoint
+from uccl_jax import config as config_lib
+from uccl_jax import parallel
+from uccl_jax import reporting
+from uccl_jax import train
+
+from test_main import REPO, check_ok, cli_env, run_main, tiny_dataset, tiny_run_flags  # noqa: F401  (fixture)
+
+
+class _FakeIterator:
+  """Batches numbered by position; the state is the position (as grain's iterator state is)."""
+
+  def __init__(self):
+    self.position = 0
+
+  def __next__(self):
+    batch = {'x': np.full((4, 1), self.position, np.float32)}
+    self.position += 1
+    return batch
+
+  def get_state(self):
+    return {'position': self.position}
+
+
+def _fake_step(nan_at: int | None = None, sigterm_at: int | None = None):
+  """state {'w'} += batch mean; metrics as the real step names them; optional NaN or SIGTERM."""
+  @jax.jit
+  def step_fn(state, batch):
+    new = {'w': state['w'] + jnp.mean(batch['x']) + 1.0}
+    return new, new['w']
+
+  def train_step(state, batch):
+    new_state, _ = step_fn(state, batch)
+    count = train_step.calls = getattr(train_step, 'calls', 0) + 1
+    loss = float('nan') if count == nan_at else 1.0 / count
+    if count == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    metrics = {name: jnp.float32(loss) for name in
+               ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr')}
+    metrics.update(lr=jnp.float32(0.01), mask_ratio=jnp.float32(0.5), grad_norm=jnp.float32(1.0))
+    return new_state, metrics
+  return train_step
+
+
+class _FakeResult:
+  def __init__(self, step):
+    self.miou = 10.0 + step
+    self.iou_per_class = np.full((7,), 10.0 + step)
+    self.present = np.ones((7,), bool)
+    self.num_images = 2
+    self.intersection = self.union = self.target = np.ones((7,), np.int64)
+    self.pixel_accuracy = 50.0
+
+
+def _run(tmp_path, monkeypatch, *, last_step, every_steps, eval_every, steps_per_epoch=3,
+         nan_at=None, sigterm_at=None, log_every=2):
+  config = config_lib.base_config()
+  config.data.name = 'synthetic'
+  config.data.num_classes = 7
+  config.train.log_every_steps = log_every
+  config.checkpoint.every_steps = every_steps
+  config.eval.every_epochs = eval_every
+  evaluated = []
+
+  def fake_evaluation(config, model, state):
+    evaluated.append(int(round(float(jax.device_get(state['w'])))))
+    return _FakeResult(len(evaluated))
+  monkeypatch.setattr(train, 'run_evaluation', fake_evaluation)
+  monkeypatch.setattr(train.evaluate_lib, 'format_iou_table', lambda result, names: 'table')
+
+  mesh = parallel.make_mesh()
+  state = jax.device_put({'w': jnp.zeros(())}, parallel.replicated_sharding(mesh))
+  plan = train.RunPlan(steps_per_epoch=steps_per_epoch, schedule_steps=100, last_step=last_step,
+                       with_unlabeled=True)
+  manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', keep=100)
+  reporter = reporting.RunReporter(tmp_path, total_steps=last_step, is_main=True,
+                                   tensorboard=False, console='off')
+  try:
+    with train._Preemption() as preemption:  # pylint: disable=protected-access
+      result = train.run_loop(config, plan, None, mesh, _fake_step(nan_at, sigterm_at), state,
+                              _FakeIterator(), manager, reporter, 0, preemption)
+  finally:
+    reporter.close()
+    manager.close()
+  return result, evaluated
+
+
+def test_saves_and_evaluates_on_schedule(tmp_path, monkeypatch):
+  result, evaluated = _run(tmp_path, monkeypatch, last_step=8, every_steps=4, eval_every=2)
+  assert result.step == 8 and not result.preempted
+  manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True)
+  # every 4 steps (4, 8), each epoch end (3, 6), the end (8).
+  assert manager.all_steps() == [3, 4, 6, 8]
+  # Every second epoch (step 6) and the end (8); the mIoU goes with that checkpoint.
+  assert len(evaluated) == 2
+  assert [manager.miou(s) for s in (3, 4, 6, 8)] == [None, None, 11.0, 12.0]
+  assert manager.best_step() == 8
+  # The iterator state saved with step s says s batches were consumed.
+  for step in manager.all_steps():
+    _, data_state = manager.restore(step, {'w': jnp.zeros(())})
+    assert data_state == {'position': step}
+  records = reporting.read_metrics(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [2, 4, 6, 8]
+  assert [r['step'] for r in records if r['kind'] == 'eval'] == [6, 8]
+  assert all(math.isfinite(r['step_time']) for r in records if r['kind'] == 'train')
+
+
+def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  with pytest.raises(train.RunError, match=r'non-finite loss at step 5: loss=nan, loss_x=nan.*'
+                                           r'last good checkpoint is kept'):
+    _run(tmp_path, monkeypatch, last_step=8, every_steps=2, eval_every=0, steps_per_epoch=100,
+         nan_at=5)
+  manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True)
+  assert manager.all_steps() == [2, 4]
+  restored, _ = manager.restore(4, {'w': jnp.zeros(())})
+  assert float(restored['w']) == pytest.approx(4 + sum(range(4)))
+
+
+def test_sigterm_saves_then_stops(tmp_path, monkeypatch):
+  result, evaluated = _run(tmp_path, monkeypatch, last_step=8, every_steps=100, eval_every=1,
+                           steps_per_epoch=3, sigterm_at=3)
+  assert result.preempted and result.step == 3
+  assert evaluated == []  # the epoch-end evaluation is skipped: the job has seconds left
+  manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True)
+  assert manager.all_steps() == [3]
+
+
+def test_check_config_names_the_field():
+  config = config_lib.base_config()
+  config.train.log_every_steps = 0
+  with pytest.raises(train.RunError, match='train.log_every_steps=0 must be a positive integer'):
+    train.check_config(config)
+  config = config_lib.base_config()
+  config.method = 'fixmatch'
+  with pytest.raises(train.RunError, match="method='fixmatch'"):
+    train.check_config(config)
+
+
+# ----------------------------------------------------------------------------
+# Exact resume of the real run.
+
+
+def _final_arrays(workdir, step):
+  return checkpoint.read_arrays(workdir / 'checkpoints', step)
+
+
+def _train_records(workdir):
+  keys = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr', 'lr', 'mask_ratio')
+  return {r['step']: {k: r[k] for k in keys}
+          for r in reporting.read_metrics(workdir / 'metrics.jsonl', kind='train')}
+
+
+def test_resume_is_exact(tiny_dataset, tmp_path):
+  straight = tmp_path / 'straight'
+  check_ok(run_main(*tiny_run_flags(tiny_dataset, straight, '--config.train.max_steps=4')))
+
+  # SIGTERM while the program is still being set up: the run stops after step 1 with a checkpoint.
+  stopped = tmp_path / 'stopped'
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'uccl_jax.main',
+       *tiny_run_flags(tiny_dataset, stopped, '--config.train.max_steps=4')],
+      cwd=REPO, env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (stopped / 'checkpoints').is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-4000:]
+  assert 'SIGTERM: saved the checkpoint at step 1' in out, out + err[-3000:]
+  assert checkpoint.RunCheckpoints(stopped / 'checkpoints', read_only=True).all_steps() == [1]
+
+  # Resume to step 2 (a stop at N/2 by train.max_steps), then to step 4.
+  check_ok(run_main(*tiny_run_flags(tiny_dataset, stopped, '--config.train.max_steps=2')))
+  proc = run_main(*tiny_run_flags(tiny_dataset, stopped, '--config.train.max_steps=4'))
+  check_ok(proc)
+  assert 'resumed at step 2' in proc.stdout
+
+  expected, got = _final_arrays(straight, 4), _final_arrays(stopped, 4)
+  assert int(got['step']) == 4
+  flat_expected = jax.tree_util.tree_leaves_with_path(expected)
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+  assert len(flat_expected) == len(flat_got)
+  for path, value in flat_expected:
+    np.testing.assert_allclose(flat_got[path], value, rtol=1e-6, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  records_expected, records_got = _train_records(straight), _train_records(stopped)
+  assert sorted(records_got) == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    for key, value in records_expected[step].items():
+      assert records_got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
+  eval_expected = reporting.read_metrics(straight / 'metrics.jsonl', kind='eval')[-1]
+  eval_got = reporting.read_metrics(stopped / 'metrics.jsonl', kind='eval')[-1]
+  assert eval_got['step'] == eval_expected['step'] == 4
+  assert eval_got['miou'] == pytest.approx(eval_expected['miou'], abs=1e-6)
+
+
+def test_pretrained_backbone_is_loaded_strictly(tmp_path):
+  torch = pytest.importorskip('torch')
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from uccl_jax import convert  # pylint: disable=g-import-not-at-top
+  from uccl_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  config = base_config()
+  config.model.backbone, config.model.width, config.model.head_channels = 'resnet18', 4, 8
+  config.data.crop_size, config.data.num_classes = 33, 7
+  model = train.build_model(config)
+  mesh = parallel.make_mesh()
+  state = train._state_factory(config, model, mesh, 10)(jax.random.PRNGKey(0))  # pylint: disable=protected-access
+
+  # A UniMatch-format backbone file (torch names, OIHW kernels) with random values.
+  rng = np.random.default_rng(0)
+  state_dict, expected = {}, {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in traverse_util.flatten_dict(getattr(state, collection)['backbone']).items():
+      value = np.abs(rng.normal(size=leaf.shape)).astype(np.float32)
+      expected[(collection,) + path] = value
+      torch_value = value.transpose(3, 2, 0, 1) if path[-1] == 'kernel' and value.ndim == 4 else value
+      state_dict[convert.torch_key(path, collection)] = torch.from_numpy(np.ascontiguousarray(torch_value))
+  torch.save(state_dict, tmp_path / 'resnet.pth')
+  config.model.pretrained = str(tmp_path / 'resnet.pth')
+
+  loaded = train.load_pretrained(config, model, state, mesh)
+  for (collection, *path), value in expected.items():
+    got = traverse_util.flatten_dict(getattr(loaded, collection)['backbone'])[tuple(path)]
+    np.testing.assert_array_equal(np.asarray(got), value)
+  for name in state.params:  # the head keeps its fresh initialisation
+    if name != 'backbone':
+      for a, b in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(loaded.params[name])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # Strict: one missing tensor is an error naming it, not a silent random init.
+  dropped = sorted(state_dict)[0]
+  del state_dict[dropped]
+  torch.save(state_dict, tmp_path / 'resnet.pth')
+  with pytest.raises(train.RunError, match=rf'model\.pretrained: .*missing.*{dropped}'):
+    train.load_pretrained(config, model, state, mesh)
