@@ -50,7 +50,9 @@ def cli_env(devices: int = 4) -> dict[str, str]:
   """Environment of a run with `devices` fake CPU devices and the shared compilation cache."""
   env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                        + os.environ.get('UCCL_JAX_TEST_XLA_EXTRA', '')),
+             XLA_FLAGS_EXTRA=os.environ.get('UCCL_JAX_TEST_XLA_EXTRA', ''),
              JAX_COMPILATION_CACHE_DIR=compile_cache_dir(),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
              PYTHONPATH=str(REPO) + os.pathsep + env.get('PYTHONPATH', ''))
@@ -87,6 +89,13 @@ def tiny_dataset(tmp_path_factory) -> pathlib.Path:
   return make_tiny_dataset(tmp_path_factory.mktemp('data') / 'synthetic')
 
 
+@pytest.fixture(scope='session')
+def four_step_run(tiny_dataset, tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+  """One tiny UCCL run of 4 steps, shared: the end-to-end test checks it, the resume test compares."""
+  workdir = tmp_path_factory.mktemp('four_steps') / 'run'
+  return workdir, run_main(*tiny_run_flags(tiny_dataset, workdir, '--config.train.max_steps=4'))
+
+
 def tiny_run_flags(dataset: pathlib.Path, workdir: pathlib.Path, *extra: str,
                    config: str = 'configs/synthetic.py') -> list[str]:
   return [f'--config={config}', f'--workdir={workdir}', f'--config.data.root={dataset}',
@@ -102,9 +111,8 @@ def eval_miou_line(stdout: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, tmp_path):
-  workdir = tmp_path / 'run'
-  proc = run_main(*tiny_run_flags(tiny_dataset, workdir, '--config.train.max_steps=4'))
+def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, four_step_run):
+  workdir, proc = four_step_run
   check_ok(proc)
 
   # Checkpoints every 2 steps and at each epoch end (2 steps per epoch); newest 2 kept.

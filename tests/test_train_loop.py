@@ -26,7 +26,7 @@ from uccl_jax import parallel
 from uccl_jax import reporting
 from uccl_jax import train
 
-from test_main import REPO, check_ok, cli_env, run_main, tiny_dataset, tiny_run_flags  # noqa: F401  (fixture)
+from test_main import REPO, check_ok, cli_env, four_step_run, run_main, tiny_dataset, tiny_run_flags  # noqa: F401  (fixtures)
 
 
 class _FakeIterator:
@@ -172,9 +172,9 @@ def _train_records(workdir):
           for r in reporting.read_metrics(workdir / 'metrics.jsonl', kind='train')}
 
 
-def test_resume_is_exact(tiny_dataset, tmp_path):
-  straight = tmp_path / 'straight'
-  check_ok(run_main(*tiny_run_flags(tiny_dataset, straight, '--config.train.max_steps=4')))
+def test_resume_is_exact(tiny_dataset, four_step_run, tmp_path):
+  straight, straight_proc = four_step_run  # 4 steps straight (shared with test_main's end-to-end test)
+  check_ok(straight_proc)
 
   # SIGTERM while the program is still being set up: the run stops after step 1 with a checkpoint.
   stopped = tmp_path / 'stopped'

@@ -16,6 +16,7 @@ Multi-process: launch/local.sh (one machine) or launch/slurm.sh (a cluster).
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 from typing import Sequence
@@ -103,6 +104,13 @@ def _load_config_now() -> None:
     _fail(f'--config: {_last_line(e)}', 2)
 
 
+class _OwnInfoOnly(std_logging.Filter):
+  """Passes INFO records of uccl_jax and WARNING+ of everyone: orbax logs every save at INFO."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f'{os.sep}uccl_jax{os.sep}' in record.pathname
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}', 2)
@@ -112,6 +120,7 @@ def main(argv: Sequence[str]) -> None:
     _fail('--workdir is required', 2)
   # absl logs to stderr; keep INFO for process 0 only, warnings from the others.
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
   # Imported here so that `--help` and flag errors stay fast.
   from uccl_jax import checkpoint  # pylint: disable=g-import-not-at-top

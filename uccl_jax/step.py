@@ -226,8 +226,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise StepConfigError(f'train.grad_accum={config.train.grad_accum} must be >= 1')
 
 
-# Alias for callers written against the earlier private name (uccl_jax/train.py).
-_check_config = check_config
 
 
 def nearest_align_corners(mask: jax.Array, size: tuple[int, int]) -> jax.Array:

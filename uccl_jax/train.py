@@ -104,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.mode not in evaluate_lib.MODES:
     raise RunError(f'eval.mode={config.eval.mode!r}: expected one of {", ".join(evaluate_lib.MODES)}')
   try:
-    step_lib._check_config(config)  # pylint: disable=protected-access
+    step_lib.check_config(config)
   except step_lib.StepConfigError as e:
     raise RunError(str(e)) from None
 
@@ -162,7 +162,7 @@ def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3Plus,
                     state: step_lib.TrainState, mesh: jax.sharding.Mesh) -> step_lib.TrainState:
-  """Puts the backbone weights of `model.pretrained` (.pth) into a fresh state, strictly.
+  """Puts the weights of `model.pretrained` (.pth or converted folder) into a fresh state, strictly.
 
   A UniMatch-format backbone file (`pretrained/resnet50.pth`) fills exactly the
   backbone; a whole-model UniMatch/UCCL checkpoint fills everything. Any
@@ -172,8 +172,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
   from uccl_jax import convert  # pylint: disable=g-import-not-at-top  (imports torch lazily)
   path = config.model.pretrained
   try:
-    torch_state = convert.load_torch_file(path)
-    loaded = convert.variables_from_torch(torch_state, model)
+    loaded = convert.load_pretrained_variables(path, model)
     host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                         {'params': state.params, 'batch_stats': state.batch_stats})
     merged = convert.merge_variables(host, loaded)
@@ -285,8 +284,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   latest = None
   if os.path.isdir(checkpoints_dir):
     latest = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True).latest_step()
-  if latest is None and config.model.pretrained and not os.path.isfile(config.model.pretrained):
-    raise RunError(f'model.pretrained: {config.model.pretrained}: no such file')
+  if latest is None and config.model.pretrained and not os.path.exists(config.model.pretrained):
+    raise RunError(f'model.pretrained: {config.model.pretrained}: no such file or folder')
   train_step = step_lib.make_train_step(model, config, mesh)
 
   iterator = pipeline.make_train_iterator(config, workdir=workdir,
@@ -401,15 +400,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpoints folder, or one step folder). Writes nothing.
   """
   check_config(config)
+  from uccl_jax import convert  # pylint: disable=g-import-not-at-top  (torch only for .pth)
+  if convert.is_converted(checkpoint) or checkpoint.endswith('.pth'):
+    return _evaluate_converted(config, checkpoint)
+  which = checkpoint
   if checkpoint not in ('best', 'latest') and not checkpoint.isdigit():
     directory, fixed_step = checkpoint_lib.locate(checkpoint)
+    which = 'best'  # a run or checkpoints folder without a step: its best checkpoint
   else:
     directory, fixed_step = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), None
     if not os.path.isdir(directory):
       raise checkpoint_lib.CheckpointError(f'{directory}: no checkpoint folder (train first, or '
                                            'pass --checkpoint=FOLDER)')
   checkpoints = checkpoint_lib.RunCheckpoints(directory, read_only=True)
-  step = checkpoints.resolve(fixed_step if fixed_step is not None else checkpoint)
+  step = checkpoints.resolve(fixed_step if fixed_step is not None else which)
   mesh = parallel.make_mesh()
   model = build_model(config)
   # The schedule length is not part of the saved arrays: any value restores the same state.
@@ -423,4 +427,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     note = '' if logged is None else f' (logged during training: {logged:.2f})'
     print(f'checkpoint {os.path.join(directory, str(step))}, eval.mode={config.eval.mode}{note}')
     print(evaluate_lib.format_iou_table(result, names), flush=True)
+  return result
+
+
+def _evaluate_converted(config: ml_collections.ConfigDict, path: str) -> evaluate_lib.EvalResult:
+  """Evaluates weights from `python -m uccl_jax.convert` (a folder) or a whole-model .pth."""
+  from uccl_jax import convert  # pylint: disable=g-import-not-at-top
+  model = build_model(config)
+  try:
+    variables, where = convert.load_model_variables(path, model)
+    result = evaluate_lib.evaluate_model(model, variables, pipeline.make_val_dataset(config), config)
+  except (convert.ConversionError, evaluate_lib.EvalError) as e:
+    raise RunError(str(e)) from None
+  if jax.process_index() == 0:
+    print(f'weights {where}, eval.mode={config.eval.mode}')
+    print(evaluate_lib.format_iou_table(result, _class_names(config)), flush=True)
   return result

@@ -1,0 +1,304 @@
+"""Tests of the step benchmark and the ablation command (no timing assertions).
+
+The step benchmark runs for real on a tiny DeepLab (ResNet-18 width 4, crop
+33) and only the supervised step (the UniMatch/UCCL programs take minutes to
+compile on a 2-core CPU; their step logic is tested in test_step.py). The
+ablation's planning, resuming, aggregation, tables and plot run on fake
+metrics files; its training runs are replaced by a writer of such files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from uccl_jax import config as config_lib
+from uccl_jax import reporting
+from uccl_jax import step as step_lib
+from uccl_jax.benchmark import __main__ as benchmark_main
+from uccl_jax.benchmark import ablation
+from uccl_jax.benchmark import step as step_benchmark
+from uccl_jax.models import deeplab
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ('--config.data.crop_size=33', '--config.model.width=4', '--config.model.head_channels=8',
+        '--config.train.batch_size=4')
+
+
+def tiny_config(method: str = 'supervised'):
+  config = config_lib.base_config()
+  config.method = method
+  config.data.crop_size = 33
+  config.data.num_classes = 5
+  config.model.backbone = 'resnet18'
+  config.model.width = 4
+  config.model.head_channels = 8
+  config.train.batch_size = 4
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Step benchmark.
+
+
+def test_random_batch_has_the_pipeline_layout():
+  config = tiny_config()
+  batch = step_benchmark.random_batch(config, seed=1)
+  b, s = 4, 33
+  assert batch['labeled']['image'].shape == (b, s, s, 3)
+  assert batch['labeled']['image'].dtype == np.float32
+  assert batch['labeled']['mask'].dtype == np.int32
+  labels = set(np.unique(batch['labeled']['mask']).tolist())
+  assert labels <= set(range(5)) | {255} and 255 in labels
+  for stream in ('unlabeled', 'mix'):
+    views = batch[stream]
+    assert set(views) == {'weak', 'strong1', 'strong2', 'ignore', 'box1', 'box2'}
+    for key in ('weak', 'strong1', 'strong2'):
+      assert views[key].shape == (b, s, s, 3) and views[key].dtype == np.float32
+    for key in ('ignore', 'box1', 'box2'):
+      assert views[key].shape == (b, s, s) and views[key].dtype == np.int32
+    assert set(np.unique(views['ignore']).tolist()) == {0, 255}
+    for key in ('box1', 'box2'):  # one filled rectangle per image
+      for box in views[key]:
+        rows, cols = np.nonzero(box)
+        assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_random_state_matches_create_train_state_structure():
+  config = tiny_config()
+  model = deeplab.from_config(config.model, 5)
+  state = step_benchmark.random_train_state(config, model, seed=0)
+  expected = jax.eval_shape(
+      lambda k: step_lib.create_train_state(config, model, k, (33, 33, 3), total_steps=1000),
+      jax.random.PRNGKey(0))
+  shapes = lambda tree: jax.tree.map(lambda x: (tuple(np.shape(x)), np.dtype(x.dtype)), tree)
+  for field in ('params', 'batch_stats', 'opt_state', 'step', 'rng'):
+    assert shapes(getattr(state, field)) == shapes(getattr(expected, field)), field
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  kernels = [(p, x) for p, x in flat if p[-1].key == 'kernel' and x.size > 2000]
+  assert kernels
+  for _, kernel in kernels:  # He-normal: std sqrt(2 / fan_in)
+    fan_in = math.prod(kernel.shape[:-1])
+    assert abs(kernel.std() / math.sqrt(2.0 / fan_in) - 1.0) < 0.1
+  for path, x in flat:
+    if path[-1].key == 'scale':
+      np.testing.assert_array_equal(x, 1.0)
+  for path, x in jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]:
+    np.testing.assert_array_equal(x, 1.0 if path[-1].key == 'var' else 0.0)
+
+
+def test_step_benchmark_writes_the_json_fields(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  status = step_benchmark.main([f'--config={REPO / "configs" / "synthetic.py"}', *TINY,
+                                '--methods=supervised', '--steps=2', f'--json={out}',
+                                '--nopipeline', '--nolosses', '--matmul_size=256'])
+  assert status == 0
+  report = json.loads(out.read_text())
+  (record,) = report['methods']
+  for field in step_benchmark.RECORD_FIELDS:
+    assert field in record, field
+  assert record['method'] == 'supervised'
+  assert record['device'].startswith('cpu: ') and record['num_devices'] == len(jax.devices())
+  assert record['step_time_s'] > 0 and record['compile_s'] > 0
+  assert record['images_per_s'] == pytest.approx(4 / record['step_time_s'])
+  assert record['flops_per_step'] > 0
+  rate = report['matmul']['matmul_flops_per_s']
+  assert rate > 0 and report['matmul']['matmul_size'] == 256
+  assert record['mfu'] == pytest.approx(record['flops_per_step'] / record['step_time_s'] / rate)
+  assert record['peak_memory_bytes'] > 0
+  assert math.isfinite(record['loss_first_step'])
+  printed = capsys.readouterr().out
+  assert 'supervised' in printed and 'wrote' in printed
+
+
+def test_scaling_same_loss_and_global_flops_on_one_and_four_devices():
+  config = tiny_config('supervised')
+  rows = step_benchmark.measure_scaling(config, (1, 4, 8, 3), steps=1)
+  by_count = {row['num_devices']: row for row in rows}
+  assert 'skipped' in by_count[8] and 'skipped' in by_count[3]  # 8 > devices; 3 does not divide 4
+  # Same state and batch: the step computes the same loss whatever the sharding.
+  assert by_count[4]['loss_difference'] < 1e-4 * abs(by_count[1]['loss_first_step'])
+  assert by_count[1]['speedup'] == 1.0
+  # XLA's cost analysis reports one device's share: times the device count it is the whole step,
+  # plus the work every device repeats (the replicated optimizer update), a few percent here.
+  ratio = by_count[4]['flops_per_step'] / by_count[1]['flops_per_step']
+  assert 1.0 <= ratio < 1.25, ratio
+
+
+def test_overhead_percent_from_step_times():
+  records = [{'method': 'unimatch', 'step_time_s': 0.2}, {'method': 'uccl', 'step_time_s': 0.25}]
+  assert step_benchmark.overhead_percent(records) == pytest.approx(25.0)
+  assert step_benchmark.overhead_percent(records[:1]) is None
+
+
+def test_step_benchmark_bad_flags_give_one_line(capsys):
+  assert step_benchmark.main(['--methods=fastest', '--nopipeline', '--nolosses']) == 2
+  assert step_benchmark.main(['--config=configs/synthetic.py', '--config.no_such=1']) == 2
+  assert step_benchmark.main(['--config=configs/synthetic.py', '--config.train.batch_size=3',
+                              '--nopipeline', '--nolosses']) == 2
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(lines) == 3 and all(l.startswith('error: ') for l in lines), lines
+  assert 'fastest' in lines[0] and 'no_such' in lines[1] and 'batch_size' in lines[2]
+
+
+def test_dispatch_unknown_benchmark_name(capsys):
+  assert benchmark_main.main(['benchmark', 'nonsense']) == 2
+  assert 'ablation' in capsys.readouterr().err
+  assert set(benchmark_main.BENCHMARKS) >= {'losses', 'pipeline', 'ablation'}
+
+
+# ----------------------------------------------------------------------------
+# Ablation: aggregation, tables, plot, resume, on fake metrics files.
+
+
+def write_metrics(path: pathlib.Path, evals: dict[int, float], step_times=(0.5, 0.7, 0.6)):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = [{'kind': 'message', 'text': 'hello'}]
+  for index, t in enumerate(step_times):
+    lines.append({'kind': 'train', 'step': index + 1, 'step_time': t, 'loss': 1.0})
+  for step, miou in evals.items():
+    lines.append({'kind': 'eval', 'step': step, 'miou': miou, 'iou_per_class': {'a': miou}})
+  path.write_text(''.join(json.dumps(l) + '\n' for l in lines))
+
+
+FAKE_FINAL = {  # row -> per-seed final mIoU
+    'supervised': [40.0, 42.0, 41.0],
+    'unimatch': [50.0, 51.0, 52.5],
+    'sbu': [50.5, 51.0, 52.0],
+    'ckr': [51.0, 52.0, 53.5],
+    'uccl': [51.0, 51.5, 53.0],
+}
+
+
+def fake_runs(workdir: pathlib.Path, steps: int = 4):
+  for name, finals in FAKE_FINAL.items():
+    for seed, final in enumerate(finals):
+      write_metrics(ablation.run_dir(workdir, ablation.ROWS_BY_NAME[name], seed) / 'metrics.jsonl',
+                    {2: final - 10.0 - seed, steps: final})
+
+
+def test_collect_means_stds_curves_and_step_times(tmp_path):
+  fake_runs(tmp_path)
+  # A fourth seed that stopped before the end counts as missing.
+  write_metrics(ablation.run_dir(tmp_path, ablation.ROWS[0], 3) / 'metrics.jsonl', {2: 1.0})
+  summary = ablation.collect(tmp_path, ablation.ROWS, [0, 1, 2, 3], steps=4)
+  for name, finals in FAKE_FINAL.items():
+    entry = summary[name]
+    assert entry['final'] == dict(enumerate(finals))
+    assert entry['mean'] == pytest.approx(np.mean(finals))
+    assert entry['std'] == pytest.approx(np.std(finals, ddof=1))
+    assert entry['curve'] == {2: [f - 10.0 - s for s, f in enumerate(finals)], 4: finals}
+    assert entry['step_time_s'] == pytest.approx(0.6)  # median of each run, mean over seeds
+    assert entry['missing'] == [3]
+
+
+def test_paired_differences_and_verdicts(tmp_path):
+  fake_runs(tmp_path)
+  summary = ablation.collect(tmp_path, ablation.ROWS, [0, 1, 2], steps=4)
+  by_pair = {(c['row'], c['reference']): c for c in ablation.paired_differences(summary)}
+  semi = by_pair[('unimatch', 'supervised')]
+  assert semi['differences'] == pytest.approx([10.0, 9.0, 11.5])
+  assert semi['verdict'] == 'ahead'
+  sbu = by_pair[('sbu', 'unimatch')]  # +0.5, 0, -0.5: no decision
+  assert sbu['mean'] == pytest.approx(0.0) and sbu['verdict'] == 'within the spread'
+  ckr = by_pair[('ckr', 'unimatch')]  # +1, +1, +1: std 0 -> ahead
+  assert ckr['verdict'] == 'ahead' and ckr['std'] == pytest.approx(0.0)
+  one_seed = ablation.paired_differences(ablation.collect(tmp_path, ablation.ROWS, [0], steps=4))
+  assert all(c['verdict'] == 'one seed: undecided' for c in one_seed)
+
+
+def test_tables_plot_and_marked_block(tmp_path):
+  fake_runs(tmp_path)
+  summary = ablation.collect(tmp_path, ablation.ROWS, [0, 1, 2], steps=4)
+  tables = ablation.format_tables(summary, steps=4)
+  assert '| UniMatch baseline |  |  | 51.17 ± 1.26 (n=3) | 50.00 | 51.00 | 52.50 | 0.600 |' in tables
+  assert '| + CKR − UniMatch baseline | +1.00 ± 0.00 | +1.00, +1.00, +1.00 | ahead |' in tables
+
+  png = ablation.plot_curves(summary, tmp_path / 'out' / 'plot.png')
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  results = tmp_path / 'RESULTS.md'
+  results.write_text('# Results\n\nbefore\n\n' + ablation.BEGIN_MARKER + '\nold\n' +
+                     ablation.END_MARKER + '\n\nafter\n')
+  ablation.replace_marked_block(results, 'new block')
+  text = results.read_text()
+  assert 'old' not in text and 'new block' in text
+  assert text.startswith('# Results\n\nbefore\n') and text.endswith('\n\nafter\n')
+  ablation.replace_marked_block(results, 'newer')
+  assert text.replace('new block', 'newer') == results.read_text()
+  fresh = ablation.replace_marked_block(tmp_path / 'sub' / 'NEW.md', 'first')
+  assert ablation.BEGIN_MARKER in fresh.read_text() and 'first' in fresh.read_text()
+  results.write_text('only ' + ablation.BEGIN_MARKER)
+  with pytest.raises(ablation.AblationError, match='one of the ablation markers'):
+    ablation.replace_marked_block(results, 'x')
+  assert results.read_text() == 'only ' + ablation.BEGIN_MARKER  # left as it was
+
+
+def test_schedule_must_be_whole_epochs():
+  row = ablation.ROWS_BY_NAME['unimatch']
+  assert ablation.schedule_overrides(96, 48, 48, row=row) == [
+      '--config.train.epochs=2', '--config.train.max_steps=96', '--config.eval.every_epochs=1',
+      '--config.checkpoint.every_steps=48']
+  with pytest.raises(ablation.AblationError, match='--steps=100'):
+    ablation.schedule_overrides(100, 50, 48, row=row)
+
+
+def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, monkeypatch,
+                                                                       capsys):
+  """End to end with the training subprocess replaced by a fake: plan, skip, resume, report."""
+  monkeypatch.setenv('UCCL_JAX_CACHE', str(tmp_path / 'cache'))
+  trained = []
+
+  def fake_train_run(spec, workdir, steps):
+    trained.append((spec.row.name, spec.seed))
+    flags = dict(o.split('=', 1) for o in spec.overrides)
+    assert flags['--config.train.seed'] == str(spec.seed)
+    assert flags['--config.method'] == spec.row.method
+    assert flags['--config.sbu.enabled'] == str(spec.row.sbu)
+    assert flags['--config.ckr.enabled'] == str(spec.row.ckr)
+    assert flags['--config.train.max_steps'] == str(steps)
+    # 12 train images, 4 labeled, batch 4: semi epoch 2 steps, supervised epoch 1 step.
+    per_epoch = 1 if spec.row.method == 'supervised' else 2
+    assert flags['--config.train.epochs'] == str(steps // per_epoch)
+    assert flags['--config.eval.every_epochs'] == str(2 // per_epoch)
+    miou = 30.0 + 5 * ablation.ROWS.index(spec.row) + spec.seed
+    write_metrics(spec.workdir / reporting.METRICS_FILE, {2: miou - 5, steps: miou})
+    return 1.0
+
+  monkeypatch.setattr(ablation, 'train_run', fake_train_run)
+  out = tmp_path / 'docs'
+  argv = ['ablation', '--seeds=2', '--steps=4', '--eval_every=2', f'--out={out}',
+          f'--workdir={tmp_path / "runs"}', '--num_train=12', '--num_labeled=4', '--num_val=2',
+          '--config.train.batch_size=4']
+  # One run finished before: it is skipped.
+  done = ablation.run_dir(tmp_path / 'runs', ablation.ROWS_BY_NAME['uccl'], 1)
+  write_metrics(done / reporting.METRICS_FILE, {2: 1.0, 4: 99.0})
+  assert ablation.main(argv) == 0
+  assert len(trained) == 9 and ('uccl', 1) not in trained
+  text = (out / ablation.RESULTS_FILE).read_text()
+  assert '| UCCL (SBU + CKR) | ✓ | ✓ | 74.50 ± 34.65 (n=2) | 50.00 | 99.00 |' in text
+  assert (out / ablation.PLOT_FILE).read_bytes()[:4] == b'\x89PNG'
+  assert 'python -m uccl_jax.benchmark ablation --seeds=2' in text
+  # A rerun trains nothing and replaces the block rather than adding one.
+  trained.clear()
+  assert ablation.main(argv) == 0
+  assert trained == []
+  assert (out / ablation.RESULTS_FILE).read_text().count(ablation.BEGIN_MARKER) == 1
+  assert ablation.main([*argv[:2], '--steps=5']) == 1  # not a multiple of --eval_every
+  assert '--steps=5' in capsys.readouterr().err
+
+
+def test_ablation_refuses_a_run_folder_trained_with_other_settings(tmp_path):
+  row = ablation.ROWS_BY_NAME['sbu']
+  spec = ablation.RunSpec(row, 0, tmp_path / 'run', ('--config.train.max_steps=8',
+                                                     '--config.sbu.enabled=True'))
+  spec.workdir.mkdir()
+  (spec.workdir / reporting.CONFIG_FILE).write_text(json.dumps(
+      {'train': {'max_steps': 4}, 'sbu': {'enabled': True}}))
+  with pytest.raises(ablation.AblationError, match='max_steps=4'):
+    ablation._check_run_settings(spec)  # pylint: disable=protected-access
