@@ -216,3 +216,41 @@ def test_converted_whole_model_is_checked_against_the_config(tmp_path):
   assert convert.main([str(tmp_path / 'r50.pth'), f'--out={tmp_path / "b"}']) == 0
   with pytest.raises(convert.ConversionError, match='holds a backbone only'):
     convert.load_model_variables(tmp_path / 'b', _tiny_deeplab())
+
+
+def test_main_eval_of_a_converted_checkpoint_matches_a_torch_reference_miou(tmp_path, capsys):
+  """`--mode=eval --checkpoint=DIR` on a converted whole model: mIoU from the PyTorch forward."""
+  from uccl_jax import train  # pylint: disable=g-import-not-at-top
+  from uccl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from uccl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from uccl_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  num_classes = 7
+  arch = torch_reference.Arch(num_classes=num_classes)
+  state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(arch), seed=3)
+  source = tmp_path / 'best.pth'
+  _save_unimatch_checkpoint(source, state)
+  out = tmp_path / 'converted'
+  assert _run_cli(str(source), f'--out={out}', f'--num-classes={num_classes}').returncode == 0
+
+  root = synthetic.ensure_dataset(tmp_path / 'data', seed=0, num_train=4, num_labeled=2, num_val=2,
+                                  size=(32, 64))
+  config = base_config()
+  config.data.name, config.data.root, config.data.num_classes = 'synthetic', str(root), num_classes
+  config.data.labeled_split, config.data.unlabeled_split = 'splits/labeled.txt', 'splits/unlabeled.txt'
+  config.data.val_split, config.data.crop_size, config.data.workers = 'splits/val.txt', 33, 0
+  config.model.backbone, config.model.width, config.model.head_channels = 'resnet50', 8, 16
+  config.eval.mode = 'original'
+  result = train.evaluate_checkpoint(config, str(tmp_path / 'no_run'), str(out))
+  assert capsys.readouterr().out.strip().splitlines()[-1] == f'mIoU: {result.miou:.2f}'
+
+  # Reference: the PyTorch forward on the same normalised val images, IoU counted in NumPy.
+  intersection, union = np.zeros(num_classes), np.zeros(num_classes)
+  for record in pipeline.make_val_dataset(config):
+    logits = torch_reference.deeplab_forward(state, record['image'][None], arch)['logits']
+    predicted, mask = np.argmax(np.asarray(logits)[0], -1), record['mask']
+    valid = mask != 255
+    for c in range(num_classes):
+      intersection[c] += np.sum((predicted == c) & (mask == c) & valid)
+      union[c] += np.sum(((predicted == c) | (mask == c)) & valid)
+  expected = np.mean(intersection / (union + 1e-10)) * 100
+  assert result.miou == pytest.approx(expected, abs=1e-6)

@@ -111,7 +111,7 @@ def eval_miou_line(stdout: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, four_step_run):
+def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, four_step_run, tmp_path):
   workdir, proc = four_step_run
   check_ok(proc)
 
