@@ -64,6 +64,21 @@ def write_split_file(path: pathlib.Path, lines: list[tuple[str, str]], *, messy:
   return path
 
 
+def _tree(root: pathlib.Path, splits: pathlib.Path, train_lines: list[tuple[str, str]],
+          val_lines: list[tuple[str, str]], *, num_labeled: int, messy: bool,
+          num_classes: int) -> dict[str, Any]:
+  """Writes the labeled / unlabeled / val split files and describes the tree."""
+  return {
+      'root': root,
+      'labeled': write_split_file(splits / 'labeled.txt', train_lines[:num_labeled], messy=messy),
+      'unlabeled': write_split_file(splits / 'unlabeled.txt', train_lines[num_labeled:], messy=messy),
+      'val': write_split_file(splits / 'val.txt', val_lines, messy=messy),
+      'train_lines': train_lines,
+      'val_lines': val_lines,
+      'num_classes': num_classes,
+  }
+
+
 def make_cityscapes_tree(tmp_path: pathlib.Path | str, *, n_train: int = 6, n_val: int = 2,
                          size: tuple[int, int] = (32, 64), num_labeled: int = 2, label_files: str = 'train_ids',
                          messy: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -105,16 +120,8 @@ def make_cityscapes_tree(tmp_path: pathlib.Path | str, *, n_train: int = 6, n_va
 
   train_lines = write('train', n_train)
   val_lines = write('val', n_val)
-  splits = pathlib.Path(tmp_path) / 'splits' / 'cityscapes'
-  return {
-      'root': root,
-      'labeled': write_split_file(splits / 'labeled.txt', train_lines[:num_labeled], messy=messy),
-      'unlabeled': write_split_file(splits / 'unlabeled.txt', train_lines[num_labeled:], messy=messy),
-      'val': write_split_file(splits / 'val.txt', val_lines, messy=messy),
-      'train_lines': train_lines,
-      'val_lines': val_lines,
-      'num_classes': 19,
-  }
+  return _tree(root, pathlib.Path(tmp_path) / 'splits' / 'cityscapes', train_lines, val_lines,
+               num_labeled=num_labeled, messy=messy, num_classes=19)
 
 
 def voc_palette() -> list[int]:
@@ -162,16 +169,8 @@ def make_pascal_tree(tmp_path: pathlib.Path | str, *, n_train: int = 6, n_val: i
 
   train_lines = write('2007', n_train, size)
   val_lines = write('2011', n_val, (size[0] + 8, size[1] - 8))
-  splits = pathlib.Path(tmp_path) / 'splits' / 'pascal'
-  return {
-      'root': root,
-      'labeled': write_split_file(splits / 'labeled.txt', train_lines[:num_labeled], messy=messy),
-      'unlabeled': write_split_file(splits / 'unlabeled.txt', train_lines[num_labeled:], messy=messy),
-      'val': write_split_file(splits / 'val.txt', val_lines, messy=messy),
-      'train_lines': train_lines,
-      'val_lines': val_lines,
-      'num_classes': 21,
-  }
+  return _tree(root, pathlib.Path(tmp_path) / 'splits' / 'pascal', train_lines, val_lines,
+               num_labeled=num_labeled, messy=messy, num_classes=21)
 
 
 def data_config(tree: dict[str, Any], name: str, **data_overrides: Any):
