@@ -26,6 +26,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from uccl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py), optionally with an argument: configs/pascal.py:183.',
     lock_config=True)
@@ -43,14 +45,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
 
 
-def _one_line(error: BaseException) -> str:
-  """The most specific one-line description of `error` (root cause of a chain)."""
-  while error.__cause__ is not None and not str(error).strip():
-    error = error.__cause__
-  text = ' '.join(str(error).split())
-  return text or type(error).__name__
-
-
 def _fail(message: str, status: int = 1) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(status)
@@ -58,50 +52,10 @@ def _fail(message: str, status: int = 1) -> None:
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's parser, with every flag or config-file problem reported in one line."""
-  for arg in argv[1:]:
-    if arg.startswith('--config='):
-      path = arg[len('--config='):].split(':', 1)[0]
-      if not os.path.isfile(path):
-        _fail(f'--config: no such file {path}', 2)
   try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(_last_line(e) if 'Traceback' in str(e) else _one_line(e), 2)
-  except (AttributeError, KeyError) as e:  # config_flags: an override names no field.
-    _fail(_unknown_field_message(argv, e), 2)
-  except Exception as e:  # noqa: BLE001 -- a config file that fails to load or to apply overrides.
-    _fail(f'--config: {_last_line(e)}', 2)
-  _load_config_now()
-  return rest
-
-
-def _unknown_field_message(argv: Sequence[str], error: BaseException) -> str:
-  """Names the `--config.a.b=...` override whose field does not exist."""
-  field = str(error).strip('"\' ')
-  for arg in argv:
-    path = arg.split('=', 1)[0]
-    if path.startswith('--config.') and path.split('.')[-1] == field or f'.{field}.' in path:
-      return f'{path}: no such config field ({field!r}; see uccl_jax/config.py for the schema)'
-  return f'--config: no such config field {field!r} (see uccl_jax/config.py for the schema)'
-
-
-def _last_line(error: BaseException) -> str:
-  """The final line of a message that embeds a traceback (config_flags does), else the message."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    return lines[-1]
-  return ' '.join(lines) or type(error).__name__
-
-
-def _load_config_now() -> None:
-  """Forces loading the config so that a missing/broken file fails during parsing."""
-  try:
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # an unloadable file gives an object that raises on any access
-  except Exception as e:  # noqa: BLE001 -- config_flags defers load errors to first access.
-    _fail(f'--config: {_last_line(e)}', 2)
+    return cli.parse_flags(flags.FLAGS, argv, _CONFIG)
+  except cli.CommandLineError as e:
+    _fail(str(e), 2)
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -143,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
     else:
       train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except expected as e:
-    _fail(_one_line(e))
+    _fail(cli.error_line(e))
 
 
 def run() -> None:

@@ -38,10 +38,10 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
+from uccl_jax import cli
 from uccl_jax import convert
 from uccl_jax import evaluate
 from uccl_jax.data import classes
@@ -292,14 +292,13 @@ def predict_images(predictor: Predictor, images: Sequence[tuple[str, str]], out:
 def _define_flags(values: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any]:
   """The flags, on a private FlagValues (so importing this module defines nothing global).
 
-  config_flags finds the `--config.a.b=...` overrides in `argv` (it would read
-  sys.argv otherwise, which is wrong when `main` is called with a list).
+  The `--config.a.b=...` overrides are read from `argv` (config_flags would
+  read sys.argv otherwise, which is wrong when `main` is called with a list).
   """
   return {
-      'config': config_flags.DEFINE_config_file(
-          'config', None, 'Config file (configs/*.py[:arg]); its model and data fields describe '
-          'the network, the classes and the palette.', flag_values=values, lock_config=True,
-          sys_argv=list(argv)),
+      'config': cli.define_config_flag(
+          values, argv, None, 'Config file (configs/*.py[:arg]); its model and data fields '
+          'describe the network, the classes and the palette.'),
       'workdir': flags.DEFINE_string('workdir', None, 'Run folder: predict with its checkpoint.',
                                      flag_values=values),
       'checkpoint': flags.DEFINE_string(
@@ -322,39 +321,18 @@ def _define_flags(values: flags.FlagValues, argv: Sequence[str]) -> dict[str, An
   }
 
 
-def _one_line(error: BaseException) -> str:
-  """The last meaningful line of an error (config_flags embeds tracebacks in its messages)."""
-  while error.__cause__ is not None and not str(error).strip():
-    error = error.__cause__
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    return lines[-1]
-  return ' '.join(lines) or type(error).__name__
-
-
 def _parse(argv: Sequence[str]) -> dict[str, Any]:
   """Flag values by name ({} after printing --help); PredictError (one line) for any problem."""
   values = flags.FlagValues()
   holders = _define_flags(values, argv)
-  for arg in argv[1:]:
-    if arg.startswith('--config='):
-      path = arg[len('--config='):].split(':', 1)[0]
-      if not os.path.isfile(path):
-        raise PredictError(f'--config: no such file {path}')
   if any(arg in ('--help', '-h', '--helpfull') for arg in argv[1:]):
     print(__doc__)
     print(values.get_help())
     return {}
   try:
-    rest = values(list(argv))
-    config = holders['config'].value
-    if config is not None:
-      config.keys()  # config_flags loads lazily: make a broken file fail here
-  except (AttributeError, KeyError) as error:
-    raise PredictError(f'--config: no such config field {str(error).strip(chr(34) + chr(39))} '
-                       '(see uccl_jax/config.py for the schema)') from None
-  except Exception as error:  # noqa: BLE001 -- flag syntax, a config file that fails to load
-    raise PredictError(_one_line(error)) from None
+    rest = cli.parse_flags(values, argv, holders['config'])
+  except cli.CommandLineError as error:
+    raise PredictError(str(error)) from None
   if len(rest) > 1:
     raise PredictError(f'unexpected arguments: {" ".join(rest[1:])}')
   parsed = {name: holder.value for name, holder in holders.items()}

@@ -58,9 +58,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
+from uccl_jax import cli
 from uccl_jax import parallel
 from uccl_jax import step as step_lib
 from uccl_jax.models import deeplab
@@ -600,23 +600,17 @@ def _parse_flags(argv: Sequence[str], *, fake_devices_added: bool) -> _Flags:
                     flag_values=values)
   flags.DEFINE_string('pipeline_source_size', '', 'HxW of the generated source images (default: '
                       'typical for data.name).', flag_values=values)
-  try:
-    config_flag = config_flags.DEFINE_config_file(
-        'config', str(DEFAULT_CONFIG), 'Config file (configs/*.py[:arg]); default: the Pascal recipe.',
-        flag_values=values, lock_config=True,
-        sys_argv=['benchmark', *argv])  # overrides are read from here, not from sys.argv
-    values(['benchmark', *argv])
-    config = config_flag.value
-    config.keys()  # config_flags defers load errors to first access
-  except flags.Error as error:
-    raise BenchmarkError(_last_line(error)) from None
-  except (AttributeError, KeyError) as error:
-    field = str(error).strip('\'" ')
-    raise BenchmarkError(f'--config.{field}: no such config field (see uccl_jax/config.py)') from None
-  except Exception as error:  # noqa: BLE001 -- a config file that fails to load
-    raise BenchmarkError(f'--config: {_last_line(error)}') from None
-  if values['config'].present == 0 and not DEFAULT_CONFIG.is_file():
+  if not any(arg.startswith('--config=') for arg in argv) and not DEFAULT_CONFIG.is_file():
     raise BenchmarkError(f'--config is required ({DEFAULT_CONFIG} does not exist here)')
+  command_line = ['benchmark', *argv]
+  try:
+    config_flag = cli.define_config_flag(
+        values, command_line, str(DEFAULT_CONFIG),
+        'Config file (configs/*.py[:arg]); default: the Pascal recipe.')
+    cli.parse_flags(values, command_line, config_flag)
+  except cli.CommandLineError as error:
+    raise BenchmarkError(str(error)) from None
+  config = config_flag.value
   try:
     scaling_devices = [int(n) for n in values.scaling_devices]
   except ValueError:
@@ -641,13 +635,6 @@ def _parse_flags(argv: Sequence[str], *, fake_devices_added: bool) -> _Flags:
                 matmul_size=values.matmul_size, pipeline=values.pipeline, losses=values.losses,
                 scaling=values.scaling, scaling_method=values.scaling_method,
                 scaling_devices=scaling_devices, pipeline_source_size=source_size)
-
-
-def _last_line(error: BaseException) -> str:
-  while error.__cause__ is not None:
-    error = error.__cause__
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
 
 
 def main(argv: Sequence[str], *, fake_devices_added: bool = False) -> int:

@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from uccl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<dataset>.py[:split]).',
                                           lock_config=True)
 _PREVIEW = flags.DEFINE_string('preview', None, 'Write a PNG grid of a few training samples to this file.')
@@ -59,5 +61,14 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a flag or config-file problem reported in one line (exit status 2)."""
+  try:
+    return cli.parse_flags(flags.FLAGS, argv, _CONFIG)
+  except cli.CommandLineError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
