@@ -172,6 +172,7 @@ FAKE_FINAL = {  # row -> per-seed final mIoU
     'sbu': [50.5, 51.0, 52.0],
     'ckr': [51.0, 52.0, 53.5],
     'uccl': [51.0, 51.5, 53.0],
+    'uccl_pasted': [50.0, 51.0, 52.0],
 }
 
 
@@ -208,6 +209,8 @@ def test_paired_differences_and_verdicts(tmp_path):
   assert sbu['mean'] == pytest.approx(0.0) and sbu['verdict'] == 'within the spread'
   ckr = by_pair[('ckr', 'unimatch')]  # +1, +1, +1: std 0 -> ahead
   assert ckr['verdict'] == 'ahead' and ckr['std'] == pytest.approx(0.0)
+  pasted = by_pair[('uccl_pasted', 'uccl')]  # -1, -0.5, -1
+  assert pasted['mean'] == pytest.approx(-2.5 / 3) and pasted['verdict'] == 'behind'
   one_seed = ablation.paired_differences(ablation.collect(tmp_path, ablation.ROWS, [0], steps=4))
   assert all(c['verdict'] == 'one seed: undecided' for c in one_seed)
 
@@ -261,6 +264,8 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
     assert flags['--config.method'] == spec.row.method
     assert flags['--config.sbu.enabled'] == str(spec.row.sbu)
     assert flags['--config.ckr.enabled'] == str(spec.row.ckr)
+    assert flags['--config.unsup.anchors'] == ('pasted' if spec.row.name == 'uccl_pasted'
+                                               else 'passes')
     assert flags['--config.train.max_steps'] == str(steps)
     # 12 train images, 4 labeled, batch 4: semi epoch 2 steps, supervised epoch 1 step.
     per_epoch = 1 if spec.row.method == 'supervised' else 2
@@ -279,7 +284,7 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
   done = ablation.run_dir(tmp_path / 'runs', ablation.ROWS_BY_NAME['uccl'], 1)
   write_metrics(done / reporting.METRICS_FILE, {2: 1.0, 4: 99.0})
   assert ablation.main(argv) == 0
-  assert len(trained) == 9 and ('uccl', 1) not in trained
+  assert len(trained) == 2 * len(ablation.ROWS) - 1 and ('uccl', 1) not in trained
   text = (out / ablation.RESULTS_FILE).read_text()
   assert '| UCCL (SBU + CKR) | ✓ | ✓ | 74.50 ± 34.65 (n=2) | 50.00 | 99.00 |' in text
   assert (out / ablation.PLOT_FILE).read_bytes()[:4] == b'\x89PNG'

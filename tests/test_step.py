@@ -244,8 +244,11 @@ def teacher_prediction(state, batch, model):
 def reference_loss(params, *, state, batch, teacher, model, config):
   """UniMatch + UCCL step loss composed from the losses module, pass by pass.
 
-  `batch` and `teacher` are NumPy (closed over, not traced). Returns
-  (loss, (metrics, batch_stats after the four passes)).
+  `batch` and `teacher` are NumPy (closed over, not traced). With
+  unsup.anchors = 'pasted' the two weak passes are replaced by pasting, in
+  NumPy at feature resolution, the teacher's outputs for the mixing images
+  into the weak outputs of the labeled+weak pass. Returns
+  (loss, (metrics, batch_stats after the passes)).
   """
   lab, u, mix = batch['labeled'], batch['unlabeled'], batch['mix']
   keys = {p: step.pass_rng(state.rng, state.step, 0, p) for p in (1, 2, 3, 4)}
@@ -260,18 +263,29 @@ def reference_loss(params, *, state, batch, teacher, model, config):
   # Feature resolution 17 from 33: the align-corners grid hits every 2nd pixel.
   ign1_low, ign2_low = ign1[:, ::2, ::2], ign2[:, ::2, ::2]
 
+  pasted = config.unsup.anchors == 'pasted'
+  passes = [(weak1, 1, False), (weak2, 2, False)] if not pasted else []
+  passes += [(np.concatenate([lab['image'], u['weak']]), 3, True),
+             (np.concatenate([strong1, strong2]), 4, False)]
   stats = state.batch_stats
   outs = []
-  for images, p, fp in [(weak1, 1, False), (weak2, 2, False),
-                        (np.concatenate([lab['image'], u['weak']]), 3, True),
-                        (np.concatenate([strong1, strong2]), 4, False)]:
+  for images, p, fp in passes:
     out, upd = model.apply({'params': params, 'batch_stats': stats}, images, train=True,
                            feature_perturbation=fp, rngs={'dropout': keys[p]},
                            mutable=['batch_stats'])
     stats = upd['batch_stats']
     outs.append(out)
-  out_w1, out_w2, out_xw, out_s = outs
+  out_xw, out_s = outs[-2:]
   n = lab['image'].shape[0]
+  if pasted:
+    mix_out = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                          mix['weak'], train=False)
+    out_w1, out_w2 = [{name: jnp.where((box[:, ::2, ::2] == 1)[..., None],
+                                       mix_out[name], out_xw[name][n:])
+                       for name in ('features', 'logits_lowres')}
+                      for box in (u['box1'], u['box2'])]
+  else:
+    out_w1, out_w2 = outs[:2]
   weak_logits = jax.lax.stop_gradient(out_xw['logits'][n:])
   conf_w = jnp.max(jax.nn.softmax(weak_logits), -1)
   label_w = jnp.argmax(weak_logits, -1)
@@ -303,9 +317,11 @@ def reference_loss(params, *, state, batch, teacher, model, config):
   return loss, (metrics, stats)
 
 
-def test_loss_terms_and_gradient_match_direct_composition():
+@pytest.mark.parametrize('anchors', ['passes', 'pasted'])
+def test_loss_terms_and_gradient_match_direct_composition(anchors):
   # lr 1000, no weight decay: the first update is -1000 * gradient, read back below.
   config = make_config(lr=1000.0, lr_multi=1.0, weight_decay=0.0)
+  config.unsup.anchors = anchors
   model, state = init_state(config, total_steps=10**9)
   batch = make_batch(seed=3)
 
@@ -441,4 +457,8 @@ def test_bad_method_and_loss_name_the_field():
     step.make_train_step(model, config, mesh)
   config = make_config(labeled_loss='focal')
   with pytest.raises(step.StepConfigError, match=r'train\.labeled_loss='):
+    step.make_train_step(model, config, mesh)
+  config = make_config()
+  config.unsup.anchors = 'teacher'
+  with pytest.raises(step.StepConfigError, match=r"unsup\.anchors='teacher'"):
     step.make_train_step(model, config, mesh)

@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.unsup = ml_collections.ConfigDict()
   config.unsup.conf_thresh = 0.95  # pseudo-label confidence threshold of the UniMatch losses
+  # Where SBU and CKR take the weak view of each CutMix-ed pair from (uccl_jax/step.py):
+  # 'passes': two extra training-mode passes over the CutMix-ed weak images, as the released code
+  #   does (+38% step FLOPs over UniMatch);
+  # 'pasted': no extra pass: the unlabeled weak images' features and logits from the labeled+weak
+  #   pass, with the teacher's (mixing batch) pasted in the CutMix box at feature resolution.
+  config.unsup.anchors = 'passes'
 
   config.sbu = ml_collections.ConfigDict()
   config.sbu.enabled = True

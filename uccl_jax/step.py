@@ -16,13 +16,25 @@ outputs it never uses:
    previous pass left: (a) weak image 1, (b) weak image 2 (only when SBU or CKR
    is on: their features and low-resolution logits are the anchors), (c)
    labeled + unlabeled weak images with feature perturbation, (d) strong 1 +
-   strong 2.
+   strong 2. With unsup.anchors = 'pasted', (a) and (b) are not run (below).
 4. L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
        + alpha (SBU_1 + SBU_2) / 2 + beta (CKR_1 + CKR_2) / 2.
    L_s, L_fp use pass (c)'s weak prediction (detached) as pseudo labels, with
    the teacher's prediction pasted in the CutMix boxes for L_s. SBU_k and
    CKR_k pair weak image k with strong view k at feature resolution; their
    pseudo labels come from weak image k's own low-resolution logits.
+
+Anchors without extra passes (unsup.anchors = 'pasted'): passes (a) and (b)
+cost +38% of a UniMatch step's FLOPs, for outputs the step mostly has already.
+Weak image k is the unlabeled weak image with box k pasted from the mixing
+weak image, so its anchors are built by pasting at feature resolution: pass
+(c)'s features and low-resolution logits of the unlabeled weak images outside
+box k, the teacher's (step 1) of the mixing images inside; the box is sampled
+at feature resolution like the ignore mask (`nearest_align_corners`). What
+changes against 'passes': anchors inside the box come from inference-mode BN
+and carry no gradient (CKR's weak-logit weights train only outside the box),
+and a feature near the box edge sees the unmixed image around it instead of
+the CutMix-ed one. The strong side and every UniMatch term are unchanged.
 5. SGD (PyTorch semantics) with the poly schedule, head at lr * lr_multi.
 
 The ignore mask at feature resolution: the released code resizes the 0/255
@@ -58,6 +70,7 @@ from uccl_jax import losses
 from uccl_jax import parallel
 
 METHODS = ('supervised', 'unimatch', 'uccl')
+ANCHORS = ('passes', 'pasted')
 LABELED_LOSSES = ('ce', 'ohem')
 METRIC_NAMES = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr', 'lr',
                 'mask_ratio', 'grad_norm')
@@ -220,6 +233,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.train.labeled_loss not in LABELED_LOSSES:
     raise StepConfigError(
         f'train.labeled_loss={config.train.labeled_loss!r}: expected one of {LABELED_LOSSES}')
+  if config.method == 'uccl' and config.unsup.anchors not in ANCHORS:
+    raise StepConfigError(f'unsup.anchors={config.unsup.anchors!r}: expected one of {ANCHORS}')
   if config.method == 'uccl' and config.sbu.variant not in ('reference', 'paper'):
     raise StepConfigError(f"sbu.variant={config.sbu.variant!r}: expected 'reference' or 'paper'")
   if int(config.train.grad_accum) < 1:
@@ -263,6 +278,20 @@ def _f32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
 
 
+def _pasted_anchors(box: jax.Array, teacher: dict[str, jax.Array], out_xw: dict[str, jax.Array],
+                    num_labeled: int) -> dict[str, jax.Array]:
+  """Weak image k's anchors from existing passes (unsup.anchors = 'pasted', module docstring).
+
+  Features and low-resolution logits of the unlabeled weak images (pass (c),
+  after the labeled rows) with the teacher's outputs for the mixing images
+  pasted where `box` ([B, H, W], sampled at feature resolution) is 1.
+  """
+  outside = {name: out_xw[name][num_labeled:] for name in ('features', 'logits_lowres')}
+  box_low = nearest_align_corners(box, outside['features'].shape[1:3])
+  return {name: _paste(box_low, jax.lax.stop_gradient(teacher[name]).astype(value.dtype), value)
+          for name, value in outside.items()}
+
+
 def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: Any,
                                 batch: dict[str, Any], step: jax.Array, rng: jax.Array,
                                 micro_index: int | jax.Array, *, model: nn.Module,
@@ -273,6 +302,7 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
   conf_thresh = float(config.unsup.conf_thresh)
   use_sbu = method == 'uccl' and bool(config.sbu.enabled)
   use_ckr = method == 'uccl' and bool(config.ckr.enabled)
+  anchors = config.unsup.anchors
   labeled = batch['labeled']
 
   def key(pass_index):
@@ -329,13 +359,15 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
 
     # 3. Training-mode passes, BN statistics threaded in this order.
     weak_out = []
-    if use_sbu or use_ckr:
+    if (use_sbu or use_ckr) and anchors == 'passes':
       weak1 = _paste(box1, mix['weak'], unlabeled['weak'])
       weak2 = _paste(box2, mix['weak'], unlabeled['weak'])
       weak_out = [run(weak1, PASS_WEAK1), run(weak2, PASS_WEAK2)]
     out_xw = run(jnp.concatenate([labeled['image'], unlabeled['weak']]), PASS_LABELED_FP,
                  feature_perturbation=True)
     out_s = run(jnp.concatenate([strong1, strong2]), PASS_STRONG)
+    if (use_sbu or use_ckr) and anchors == 'pasted':
+      weak_out = [_pasted_anchors(box, teacher, out_xw, num_labeled) for box in (box1, box2)]
 
     logits_x = out_xw['logits'][:num_labeled]
     logits_w = jax.lax.stop_gradient(out_xw['logits'][num_labeled:])
