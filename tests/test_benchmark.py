@@ -92,6 +92,14 @@ def test_random_state_matches_create_train_state_structure():
     np.testing.assert_array_equal(x, 1.0 if path[-1].key == 'var' else 0.0)
 
 
+def test_loss_figures_are_taken_at_the_step_feature_size():
+  config = tiny_config('uccl')  # crop 33 -> features 9x9 (deep stem, max pool: ceil(33 / 4))
+  record = step_benchmark.measure_losses(config, repeats=2)
+  assert {k: record[k] for k in ('batch', 'feature_size', 'classes', 'channels')} == {
+      'batch': 4, 'feature_size': 9, 'classes': 5, 'channels': 8}
+  assert 0 < record['sbu_ckr_fwd_bwd_min_s'] <= record['sbu_ckr_fwd_bwd_s']
+
+
 def test_step_benchmark_writes_the_json_fields(tmp_path, capsys):
   out = tmp_path / 'bench.json'
   status = step_benchmark.main([f'--config={REPO / "configs" / "synthetic.py"}', *TINY,

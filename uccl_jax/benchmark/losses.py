@@ -106,6 +106,21 @@ def _jax_step(args: argparse.Namespace,
   return lambda: jax.block_until_ready(step(*device_inputs)), float(value), cost
 
 
+def time_jax_losses(*, batch: int, size: int, classes: int, channels: int,
+                    threshold: float = 0.95, variant: str = 'reference',
+                    repeats: int = 10) -> list[float]:
+  """Seconds per jitted SBU + CKR forward+backward call on random inputs of this size.
+
+  The same inputs and timed step as the command (one compile call first); the
+  step benchmark uses it at its feature size.
+  """
+  args = _parse(['--batch', str(batch), '--size', str(size), '--classes', str(classes),
+                 '--channels', str(channels), '--threshold', str(threshold), '--variant', variant,
+                 '--repeats', str(repeats)])
+  call, _, _ = _jax_step(args, _inputs(args))
+  return _time(call, repeats)
+
+
 def _read_features_once(data: dict[str, np.ndarray]) -> tuple[Callable[[], Any], int]:
   """A memory-traffic yardstick: one jitted pass reading both feature tensors."""
   weak, strong = jnp.asarray(data['weak_features']), jnp.asarray(data['strong_features'])

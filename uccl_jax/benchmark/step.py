@@ -425,19 +425,13 @@ def measure_losses(config: ml_collections.ConfigDict, repeats: int = 10) -> dict
   """SBU + CKR forward+backward (jitted) at the step's feature size, via benchmark.losses."""
   from uccl_jax.benchmark import losses as losses_benchmark  # pylint: disable=g-import-not-at-top
   feature_size = -(-int(config.data.crop_size) // 4)  # deep stem + max pool: ceil(crop / 4)
-  argv = ['--batch', str(int(config.train.batch_size)), '--size', str(feature_size),
-          '--classes', str(int(config.data.num_classes)),
-          '--channels', str(int(config.model.head_channels)),
-          '--threshold', str(float(config.sbu.threshold)), '--variant', str(config.sbu.variant),
-          '--repeats', str(repeats)]
-  # pylint: disable=protected-access  # the loss benchmark's own input maker and timed step
-  args = losses_benchmark._parse(argv)
-  call, _, _ = losses_benchmark._jax_step(args, losses_benchmark._inputs(args))
-  times = losses_benchmark._time(call, repeats)
-  # pylint: enable=protected-access
-  return {'batch': args.batch, 'feature_size': feature_size, 'classes': args.classes,
-          'channels': args.channels, 'sbu_ckr_fwd_bwd_s': statistics.median(times),
-          'sbu_ckr_fwd_bwd_min_s': min(times)}
+  times = losses_benchmark.time_jax_losses(
+      batch=int(config.train.batch_size), size=feature_size,
+      classes=int(config.data.num_classes), channels=int(config.model.head_channels),
+      threshold=float(config.sbu.threshold), variant=str(config.sbu.variant), repeats=repeats)
+  return {'batch': int(config.train.batch_size), 'feature_size': feature_size,
+          'classes': int(config.data.num_classes), 'channels': int(config.model.head_channels),
+          'sbu_ckr_fwd_bwd_s': statistics.median(times), 'sbu_ckr_fwd_bwd_min_s': min(times)}
 
 
 # ----------------------------------------------------------------------------
