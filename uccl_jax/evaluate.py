@@ -242,12 +242,15 @@ def _checked_logits(predict_fn: PredictFn, images: jax.Array) -> jax.Array:
   return logits.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('window',))
-def _predict_labels_program(predict_fn: jax.tree_util.Partial, images: jax.Array,
-                            window: int | None) -> jax.Array:
-  """i32 [B, H, W] labels of images f32 [B, H, W, 3]: whole image (window None) or windows."""
-  if window is None:
-    return jnp.argmax(_checked_logits(predict_fn, images), axis=-1).astype(jnp.int32)
+def sliding_window_probabilities(predict_fn: PredictFn, images: jax.Array,
+                                 window: int) -> tuple[jax.Array, np.ndarray]:
+  """The sliding-window protocol's class scores of images f32 [B, H, W, 3] (traceable).
+
+  Returns (f32 [B, H, W, C], the softmax of every window summed in UniMatch's
+  order over `sliding_window_tiles`; f32 [H, W], how many windows cover each
+  pixel). Its argmax is the protocol's prediction; prediction's confidence maps
+  divide the maximum by the coverage. One network call per window shape.
+  """
   batch, height, width, _ = images.shape
   tiles = sliding_window_tiles(height, width, window)
   by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
@@ -264,10 +267,22 @@ def _predict_labels_program(predict_fn: jax.tree_util.Partial, images: jax.Array
     for t, i in enumerate(indices):
       probs_of_tile[i] = probs[:, t]
   num_classes = probs_of_tile[0].shape[-1]
-  final = jnp.zeros((batch, height, width, num_classes), jnp.float32)
+  total = jnp.zeros((batch, height, width, num_classes), jnp.float32)
+  coverage = np.zeros((height, width), np.float32)
   for i, (row, col, h, w) in enumerate(tiles):  # UniMatch's summation order
-    final = final.at[:, row:row + h, col:col + w].add(probs_of_tile[i])
-  return jnp.argmax(final, axis=-1).astype(jnp.int32)
+    total = total.at[:, row:row + h, col:col + w].add(probs_of_tile[i])
+    coverage[row:row + h, col:col + w] += 1.0
+  return total, coverage
+
+
+@functools.partial(jax.jit, static_argnames=('window',))
+def _predict_labels_program(predict_fn: jax.tree_util.Partial, images: jax.Array,
+                            window: int | None) -> jax.Array:
+  """i32 [B, H, W] labels of images f32 [B, H, W, 3]: whole image (window None) or windows."""
+  if window is None:
+    return jnp.argmax(_checked_logits(predict_fn, images), axis=-1).astype(jnp.int32)
+  total, _ = sliding_window_probabilities(predict_fn, images, window)
+  return jnp.argmax(total, axis=-1).astype(jnp.int32)
 
 
 def _check_mode(mode: str, crop_size: int) -> None:

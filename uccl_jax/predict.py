@@ -132,32 +132,15 @@ def _labels_and_confidence(predict_fn: jax.tree_util.Partial, images: jax.Array,
                            window: int | None) -> tuple[jax.Array, jax.Array]:
   """(i32 [B, H, W] labels, f32 [B, H, W] confidence) of normalised images f32 [B, H, W, 3].
 
-  'sliding_window' (window = crop size) sums the window softmaxes in
-  evaluate's tiling and takes the argmax of the sum, exactly as evaluation
-  does; the confidence is that sum's maximum over the number of windows
-  covering the pixel (the mean probability of the chosen class).
+  'sliding_window' (window = crop size) takes the argmax of evaluation's
+  summed window softmaxes, so labels are exactly evaluation's; the confidence
+  is that sum's maximum over the number of windows covering the pixel (the
+  mean probability of the chosen class).
   """
   if window is None:
     probs = jax.nn.softmax(predict_fn(images).astype(jnp.float32), axis=-1)
     return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
-  batch, height, width, _ = images.shape
-  tiles = evaluate.sliding_window_tiles(height, width, window)
-  by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
-  for index, (_, _, h, w) in enumerate(tiles):
-    by_shape[(h, w)].append(index)
-  probs_of_tile = {}
-  for (h, w), indices in by_shape.items():  # one network call per window shape
-    windows = jnp.stack([images[:, tiles[i][0]:tiles[i][0] + h, tiles[i][1]:tiles[i][1] + w]
-                         for i in indices], axis=1).reshape(batch * len(indices), h, w, -1)
-    probs = jax.nn.softmax(predict_fn(windows).astype(jnp.float32), axis=-1)
-    probs = probs.reshape(batch, len(indices), h, w, -1)
-    for t, i in enumerate(indices):
-      probs_of_tile[i] = probs[:, t]
-  total = jnp.zeros((batch, height, width, probs_of_tile[0].shape[-1]), jnp.float32)
-  coverage = jnp.zeros((height, width), jnp.float32)
-  for i, (row, col, h, w) in enumerate(tiles):  # evaluate's summation order
-    total = total.at[:, row:row + h, col:col + w].add(probs_of_tile[i])
-    coverage = coverage.at[row:row + h, col:col + w].add(1.0)
+  total, coverage = evaluate.sliding_window_probabilities(predict_fn, images, window)
   return jnp.argmax(total, axis=-1).astype(jnp.int32), jnp.max(total, axis=-1) / coverage
 
 
