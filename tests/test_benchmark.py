@@ -92,6 +92,32 @@ def test_random_state_matches_create_train_state_structure():
     np.testing.assert_array_equal(x, 1.0 if path[-1].key == 'var' else 0.0)
 
 
+def test_interleaved_overhead_alternates_the_steps_and_takes_per_round_ratios(monkeypatch):
+  """A fake clock and fake compiled steps: uccl 'takes' 1.25x unimatch, plus a drifting machine."""
+  clock = [0.0]
+  order = []
+  drift = iter([1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0])
+
+  def fake_compiled_step(config, devices, host_state, host_batch):
+    def run(state, batch):
+      order.append(config.method)
+      clock[0] += (1.25 if config.method == 'uccl' else 1.0) * next(drift)
+      return state, {'loss': 0.0}
+    return run, host_state, host_batch, 0.0
+
+  monkeypatch.setattr(step_benchmark, '_compiled_step', fake_compiled_step)
+  monkeypatch.setattr(step_benchmark.time, 'perf_counter', lambda: clock[0])
+  result = step_benchmark.interleaved_overhead(tiny_config('uccl'), jax.devices()[:1], rounds=5)
+  # One warm-up step each, then rounds in the order AB, BA, AB, ...
+  assert order == ['unimatch', 'uccl'] + ['unimatch', 'uccl', 'uccl', 'unimatch'] * 2 + [
+      'unimatch', 'uccl']
+  # Drift moves both steps of a round together, so every ratio is exactly 1.25.
+  assert result['overhead_percent'] == pytest.approx(25.0)
+  assert result['overhead_percent_quartiles'] == pytest.approx([25.0, 25.0])
+  assert result['rounds'] == 5 and result['anchors'] == 'passes'
+  assert result['unimatch_step_time_s'] == pytest.approx(1.0)
+
+
 def test_loss_figures_are_taken_at_the_step_feature_size():
   config = tiny_config('uccl')  # crop 33 -> features 9x9 (deep stem, max pool: ceil(33 / 4))
   record = step_benchmark.measure_losses(config, repeats=2)
