@@ -323,6 +323,8 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
   assert '| UCCL (SBU + CKR) | ✓ | ✓ | 74.50 ± 34.65 (n=2) | 50.00 | 99.00 |' in text
   assert (out / ablation.PLOT_FILE).read_bytes()[:4] == b'\x89PNG'
   assert 'python -m uccl_jax.benchmark ablation --seeds=2' in text
+  total = 2 * len(ablation.ROWS)
+  assert f'in which {total - 1} of the {total} runs trained' in text
   # A rerun trains nothing and replaces the block rather than adding one.
   trained.clear()
   assert ablation.main(argv) == 0

@@ -355,6 +355,14 @@ def replace_marked_block(path: str | os.PathLike[str], block: str) -> pathlib.Pa
   return path
 
 
+def _shown_path(path: pathlib.Path) -> str:
+  """`path` relative to the current directory when it lies below it (portable in docs)."""
+  try:
+    return str(path.resolve().relative_to(pathlib.Path.cwd().resolve()))
+  except ValueError:
+    return str(path)
+
+
 def machine_description() -> str:
   return (f'{platform.node() or "?"}: {platform.system()} {platform.machine()}, '
           f'{os.cpu_count()} CPU cores visible, Python {platform.python_version()}')
@@ -476,7 +484,7 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def report(parsed: _Flags, argv: Sequence[str], *, dataset_root: str,
-           wall_s: float | None) -> str:
+           wall_s: float | None, trained: int = 0) -> str:
   """Collects the runs, writes the plot and the RESULTS.md block; returns the tables."""
   seeds = list(range(parsed.seeds))
   summary = collect(parsed.workdir, parsed.rows, seeds, parsed.steps)
@@ -494,7 +502,11 @@ def report(parsed: _Flags, argv: Sequence[str], *, dataset_root: str,
                f'{parsed.num_train - parsed.num_labeled} unlabeled train images, {parsed.num_val} val, '
                f'difficulty {parsed.difficulty}, generator seed {parsed.dataset_seed}')
   import jax  # pylint: disable=g-import-not-at-top  (the runs themselves are subprocesses)
-  wall = f'; wall time of this invocation {wall_s / 60:.1f} min' if wall_s is not None else ''
+  wall = ''
+  if wall_s is not None:
+    total = len(parsed.rows) * parsed.seeds
+    wall = (f'; wall time of this invocation {wall_s / 60:.1f} min, in which {trained} of the '
+            f'{total} runs trained (the others were on disk already)')
   block = '\n'.join([
       '### Ablation at small scale (Table III rows)', '',
       f'Command: `{_command_line(argv)}`  ',
@@ -503,7 +515,7 @@ def report(parsed: _Flags, argv: Sequence[str], *, dataset_root: str,
       f'Generated: {datetime.datetime.now().isoformat(timespec="minutes")}  ',
       f'Dataset: {dataset}  ',
       f'Setting: {setting}  ',
-      f'Runs: {parsed.workdir}', '',
+      f'Runs: {_shown_path(parsed.workdir)}', '',
       tables, '',
       f'![val mIoU against steps]({os.path.relpath(plot, parsed.out)})',
   ])
@@ -521,6 +533,7 @@ def main(argv: Sequence[str]) -> int:
     specs = plan_runs(parsed, dataset_root)
     for spec in specs:  # before anything trains: a run on disk must have these settings
       _check_run_settings(spec)
+    trained = 0
     if not parsed.report_only:
       for index, spec in enumerate(specs, 1):
         name = f'[{index}/{len(specs)}] {spec.row.name} seed {spec.seed}'
@@ -529,10 +542,12 @@ def main(argv: Sequence[str]) -> int:
           continue
         print(f'{name}: training in {spec.workdir} ...', flush=True)
         seconds = train_run(spec, parsed.workdir, parsed.steps)
+        trained += 1
         miou = final_eval(spec.workdir / reporting.METRICS_FILE, parsed.steps)['miou']
         print(f'{name}: mIoU {miou:.2f} in {seconds / 60:.1f} min', flush=True)
     tables = report(parsed, argv, dataset_root=dataset_root,
-                    wall_s=None if parsed.report_only else time.perf_counter() - start)
+                    wall_s=None if parsed.report_only else time.perf_counter() - start,
+                    trained=trained)
   except (AblationError, reporting.ReportingError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
