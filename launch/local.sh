@@ -12,6 +12,7 @@
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default 1)
 #   PORT                 coordinator port on 127.0.0.1 (default: a free one)
 #   PYTHON               interpreter (default: python)
+# Each process sees UCCL_LOCAL_PROCESS_COUNT=N, so data.workers=-1 gives it its share of the CPUs.
 # Exit status: 0 if every process succeeded, else the first non-zero status.
 set -euo pipefail
 
@@ -46,7 +47,7 @@ trap forward_term TERM
 trap cleanup INT
 
 for ((rank = 0; rank < num_processes; rank++)); do
-  JAX_PLATFORMS=cpu \
+  JAX_PLATFORMS=cpu UCCL_LOCAL_PROCESS_COUNT="${num_processes}" \
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} ${XLA_FLAGS_EXTRA:-}" \
     "$python_bin" -m uccl_jax.main "$@" \
       --coordinator_address="127.0.0.1:${port}" \

@@ -221,8 +221,9 @@ def test_converted_whole_model_is_checked_against_the_config(tmp_path):
 def test_main_eval_of_a_converted_checkpoint_matches_a_torch_reference_miou(tmp_path, capsys):
   """`--mode=eval --checkpoint=DIR` on a converted whole model: mIoU from the PyTorch forward."""
   from uccl_jax import train  # pylint: disable=g-import-not-at-top
-  from uccl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from uccl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from uccl_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from uccl_jax.data import val_input  # pylint: disable=g-import-not-at-top
   from uccl_jax.config import base_config  # pylint: disable=g-import-not-at-top
   num_classes = 7
   arch = torch_reference.Arch(num_classes=num_classes)
@@ -245,8 +246,9 @@ def test_main_eval_of_a_converted_checkpoint_matches_a_torch_reference_miou(tmp_
 
   # Reference: the PyTorch forward on the same normalised val images, IoU counted in NumPy.
   intersection, union = np.zeros(num_classes), np.zeros(num_classes)
-  for record in pipeline.make_val_dataset(config):
-    logits = torch_reference.deeplab_forward(state, record['image'][None], arch)['logits']
+  for record in val_input.make_val_dataset(config):  # uint8: normalised here as the device does
+    logits = torch_reference.deeplab_forward(state, transforms.normalize(record['image'])[None],
+                                             arch)['logits']
     predicted, mask = np.argmax(np.asarray(logits)[0], -1), record['mask']
     valid = mask != 255
     for c in range(num_classes):

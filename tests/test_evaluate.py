@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from uccl_jax import evaluate as ev
+from uccl_jax.data import transforms
 
 NUM_CLASSES = 5
 RNG = np.random.default_rng(0)
@@ -234,7 +237,7 @@ def test_two_processes_sum_to_one_process():
   kwargs = dict(num_classes=NUM_CLASSES, mode='sliding_window', crop_size=14)
   shard0 = ev.evaluate_local_counts(FAKE_PREDICT, records[0::2], **kwargs)
   shard1 = ev.evaluate_local_counts(FAKE_PREDICT, records[1::2], **kwargs)
-  whole = ev.evaluate_local_counts(FAKE_PREDICT, records, images_per_batch=3, **kwargs)
+  whole = ev.evaluate_local_counts(FAKE_PREDICT, records, images_per_device=2, **kwargs)
   np.testing.assert_array_equal(shard0[0] + shard1[0], whole[0])
   assert shard0[1] + shard1[1] == whole[1] == len(records)
   # One process: the cross-process sum is the identity.
@@ -247,8 +250,136 @@ def test_progress_reports_images_done():
   done = []
   ev.evaluate(FAKE_PREDICT, make_dataset(7), num_classes=NUM_CLASSES, mode='original',
               crop_size=14, progress=done.append)
-  # Batches of 4 (local devices) broken at the shape change: 3 | 1 | 2 images.
-  assert done == [3, 4, 6]
+  # Shapes A A A B A A on 4 devices: the fourth A fills a batch (4 images), then the
+  # leftovers leave at the end, oldest shape first: B (5), A (6).
+  assert done == [4, 5, 6]
+
+
+def label_logits(images):
+  """A 'network' that predicts the class index stored in channel 0 of float images."""
+  return jax.nn.one_hot(images[..., 0].astype(jnp.int32), NUM_CLASSES)
+
+
+LABEL_PREDICT = jax.tree_util.Partial(label_logits)
+
+
+def numpy_counts(pred, mask, num_classes, ignore=255):
+  """Independent reference: per class, boolean maps of the non-ignored pixels."""
+  valid = mask != ignore
+  out = np.zeros((3, num_classes), np.int64)
+  for c in range(num_classes):
+    predicted, labelled = (pred == c) & valid, (mask == c) & valid
+    out[:, c] = [np.sum(predicted & labelled), np.sum(predicted | labelled), np.sum(labelled)]
+  return out
+
+
+def labelled_records(shapes, seed):
+  """Records whose image carries its prediction in channel 0; masks uint8 with ~30% ignored."""
+  rng = np.random.default_rng(seed)
+  records, expected = [], np.zeros((3, NUM_CLASSES), np.int64)
+  for i, (h, w) in enumerate(shapes):
+    pred = rng.integers(0, NUM_CLASSES, (h, w))
+    mask = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
+    mask[rng.random((h, w)) < 0.3] = 255
+    image = np.zeros((h, w, 3), np.float32)
+    image[..., 0] = pred
+    records.append({'image': image, 'mask': mask, 'name': f'odd{i}'})
+    expected += numpy_counts(pred, mask, NUM_CLASSES)
+    np.testing.assert_array_equal(ev.intersection_union_counts(pred, mask, NUM_CLASSES),
+                                  numpy_counts(pred, mask, NUM_CLASSES))  # the host twin agrees
+  return records, expected
+
+
+def test_device_counts_equal_numpy_counts_with_ignore_and_odd_sizes():
+  records, expected = labelled_records([(13, 29), (7, 5), (13, 29), (1, 1), (7, 5), (13, 29),
+                                        (31, 3)], seed=11)
+  counts, num_images = ev.evaluate_local_counts(LABEL_PREDICT, records, num_classes=NUM_CLASSES,
+                                                mode='original', crop_size=4)
+  np.testing.assert_array_equal(counts, expected)
+  assert num_images == len(records)
+  # The traceable counter itself, on one batch with an all-ignored filler image.
+  pred = np.stack([r['image'][..., 0] for r in records if r['mask'].shape == (13, 29)])
+  masks = np.stack([r['mask'] for r in records if r['mask'].shape == (13, 29)]
+                   + [np.full((13, 29), 255, np.uint8)])
+  pred = np.concatenate([pred, np.zeros_like(pred[:1])]).astype(np.int32)
+  counts, bad = jax.jit(functools.partial(ev.device_counts, num_classes=NUM_CLASSES))(pred, masks)
+  for b in range(4):
+    np.testing.assert_array_equal(counts[b], numpy_counts(pred[b], masks[b], NUM_CLASSES))
+  assert not np.asarray(bad).any()
+
+
+def test_device_counters_carry_past_int32():
+  # Counters hold high * 2**30 + low per device; start one just below 2**31 - 1 (int32's
+  # limit) and add an image: the total must come back exact, beyond int32, in int64.
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:2]), ('batch',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  counters = ev._zero_counters(2, NUM_CLASSES)
+  counters['high'][0] = 1
+  counters['low'][0] = (1 << 30) - 10  # (2**31 - 10) pixels counted already, every entry
+  pred = np.ones((2, 7, 5), np.float32)[..., None].repeat(3, axis=-1)
+  masks = np.ones((2, 7, 5), np.uint8)
+  out = ev._evaluate_batch(LABEL_PREDICT, jax.device_put(counters, sharding),
+                           *jax.device_put((pred, masks, np.arange(2, dtype=np.int32)), sharding),
+                           window=None, num_classes=NUM_CLASSES, ignore_index=255,
+                           sharding=sharding)
+  counts = ev._read_counters(out, ['a', 'b'], 255)
+  expected = np.full((3, NUM_CLASSES), 2**31 - 10, np.int64)  # device 0's start
+  expected[:, 1] += 2 * 35  # both images: 35 pixels of class 1, predicted 1
+  assert expected.max() > np.iinfo(np.int32).max
+  np.testing.assert_array_equal(counts, expected)
+
+
+def test_lone_images_are_not_evaluated_twice_and_shapes_are_grouped():
+  seen = []
+
+  def recording_predict(images):  # what each slot of each batch holds, at run time
+    jax.debug.callback(lambda s: seen.append(np.asarray(s)),
+                       jnp.sum(jnp.abs(images), axis=(1, 2, 3)))
+    return fake_logits_jax(FAKE_PARAMS, images)
+
+  rng = np.random.default_rng(13)
+  # Shapes alternate A B A B A B A B A: on 4 devices, batches A A A A | B B B B | A + 3 fillers.
+  records = [{'image': rng.normal(size=(9, 11) if i % 2 else (10, 12)).astype(np.float32)[..., None]
+                       .repeat(3, axis=-1),
+              'mask': rng.integers(0, NUM_CLASSES, (9, 11) if i % 2 else (10, 12)).astype(np.uint8),
+              'name': f'img{i}'} for i in range(9)]
+  done = []
+  counts, _ = ev.evaluate_local_counts(recording_predict, records, num_classes=NUM_CLASSES,
+                                       mode='original', crop_size=4, progress=done.append)
+  assert done == [4, 8, 9]
+  assert [int(np.sum(slots != 0)) for slots in seen] == [4, 4, 1]  # fillers are zeros, not copies
+  one_device, _ = ev.evaluate_local_counts(FAKE_PREDICT, records, num_classes=NUM_CLASSES,
+                                           mode='original', crop_size=4,
+                                           devices=jax.local_devices()[:1])
+  np.testing.assert_array_equal(counts, one_device)
+
+
+def test_no_device_to_host_reads_until_the_end(cpu_transfer_guard):
+  # Implicit reads (float(x), .item(), ...) raise under this guard (emulated on CPU by the
+  # conftest fixture); the one explicit jax.device_get at the end runs under 'allow'.
+  del cpu_transfer_guard
+  with jax.transfer_guard_device_to_host('disallow'):
+    result = ev.evaluate(FAKE_PREDICT, make_dataset(14), num_classes=NUM_CLASSES,
+                         mode='sliding_window', crop_size=14)
+  assert result.num_images == 6
+
+
+def test_bad_labels_found_on_the_device_name_the_image():
+  records = make_dataset(15)
+  records[3]['mask'][0, 0] = 7
+  with pytest.raises(ev.EvalError, match=r"'img3' has label 7.*\(1 images like it\)"):
+    ev.evaluate(FAKE_PREDICT, records, num_classes=NUM_CLASSES, mode='original', crop_size=14)
+  with pytest.raises(ev.EvalError, match='the model has 5 outputs but data.num_classes is 4'):
+    ev.evaluate(FAKE_PREDICT, make_dataset(15), num_classes=4, mode='original', crop_size=14)
+
+
+def test_device_normalisation_is_the_host_normalisation_bit_for_bit():
+  values = np.arange(256, dtype=np.uint8)
+  pixels = np.stack([values, np.roll(values, 85), np.roll(values, 170)], axis=-1).reshape(16, 16, 3)
+  device = np.asarray(jax.jit(ev.normalize_on_device)(pixels))
+  np.testing.assert_array_equal(device, transforms.normalize(pixels))
+  float64 = (pixels / 255.0 - transforms.IMAGENET_MEAN.astype(np.float64)) / transforms.IMAGENET_STD
+  np.testing.assert_array_equal(device, float64.astype(np.float32))
 
 
 class TinySegmenter(nn.Module):
@@ -280,6 +411,26 @@ def test_make_predict_fn_inference_mode_and_no_recompile():
   np.testing.assert_array_equal(
       ev.predict_labels(predict, images, mode='original', crop_size=8), expected)
   assert ev._predict_labels_program._cache_size() == cache_size
+
+
+def test_uint8_images_evaluate_as_their_host_normalised_floats_without_recompiling():
+  model = TinySegmenter()
+  variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+  rng = np.random.default_rng(16)
+  raw = [{'image': rng.integers(0, 256, (19, 23, 3), dtype=np.uint8),
+          'mask': rng.integers(0, NUM_CLASSES, (19, 23)).astype(np.uint8), 'name': f'u{i}'}
+         for i in range(5)]
+  host = [dict(r, image=transforms.normalize(r['image'])) for r in raw]
+  kwargs = dict(num_classes=NUM_CLASSES, mode='sliding_window', crop_size=9)
+  on_device = ev.evaluate_local_counts(ev.make_predict_fn(model, variables), raw, **kwargs)
+  on_host = ev.evaluate_local_counts(ev.make_predict_fn(model, variables), host, **kwargs)
+  np.testing.assert_array_equal(on_device[0], on_host[0])
+  # Next epoch: fresh predict_fn, new variables, same compiled evaluation program.
+  cache_size = ev._evaluate_batch._cache_size()
+  new = {'params': jax.tree_util.tree_map(lambda x: x * 0.9, variables['params']),
+         'batch_stats': variables['batch_stats']}
+  ev.evaluate_local_counts(ev.make_predict_fn(model, new), raw, **kwargs)
+  assert ev._evaluate_batch._cache_size() == cache_size
 
 
 def test_format_iou_table():

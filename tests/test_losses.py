@@ -276,7 +276,7 @@ def _label_probabilities(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     (0.7, 100, 'plain'),  # number of valid pixels < min_kept <= number of pixels
     (0.05, 40, 'kth'),  # the 40th smallest q exceeds thresh: threshold raised to it
     (0.6, 10, 'thresh'),  # the 10th smallest q is below thresh: threshold stays
-    (0.6, 0, 'thresh'),  # min_kept = 0: plain thresh
+    (0.6, 0, 'plain'),  # min_kept = 0: no mining (the release mines only when min_kept > 0)
 ])
 def test_ohem_branches_values_and_gradients(thresh, min_kept, branch):
   rng = np.random.default_rng(7)
@@ -287,7 +287,7 @@ def test_ohem_branches_values_and_gradients(thresh, min_kept, branch):
   valid = labels != 255
   kth = np.sort(q.ravel())[min_kept - 1] if 0 < min_kept <= q.size else None
   if branch == 'plain':
-    assert min_kept > valid.sum()
+    assert min_kept > valid.sum() or min_kept <= 0
     kept = valid
   elif branch == 'kth':
     assert kth > thresh
@@ -313,6 +313,93 @@ def test_ohem_branches_values_and_gradients(thresh, min_kept, branch):
   _assert_close(value, float(ce[kept].mean()), rtol=1e-10)
   has_grad = np.abs(grads['logits']).sum(-1) > 0
   np.testing.assert_array_equal(has_grad, kept)
+
+
+def _release_style_ohem(pred, target, thresh, min_kept, ignore_index=255):
+  """One GPU's OHEM written the way the release computes it, on torch: mine, then mask the target
+  and hand it to torch's own cross_entropy (pred [b, C, h, w] float64, target [b, h, w] long)."""
+  num_classes = pred.shape[1]
+  flat = target.reshape(-1)
+  valid = flat != ignore_index
+  if 0 < min_kept <= int(valid.sum()):
+    probs = torch.softmax(pred.detach(), dim=1).transpose(0, 1).reshape(num_classes, -1)
+    q = probs.gather(0, torch.where(valid, flat, 0)[None])[0]
+    q = torch.where(valid, q, torch.ones_like(q))
+    kth = torch.sort(q).values[min_kept - 1]
+    threshold = kth if kth > thresh else torch.as_tensor(thresh, dtype=q.dtype)
+    valid = valid & (q <= threshold)
+  masked = torch.where(valid, flat, torch.full_like(flat, ignore_index)).reshape(target.shape)
+  return torch.nn.functional.cross_entropy(pred, masked, ignore_index=ignore_index)
+
+
+def _grouped_ohem_case(seed=11):
+  """8 images of 6x8, 4 classes; with thresh 0.5 and min_kept 30 each 2-image group takes a
+  different branch of the release's OHEM (asserted by the test)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 4, size=(8, 6, 8))
+  logits = 2.0 * rng.normal(size=(8, 6, 8, 4))
+  logits[2:4] += 6.0 * np.eye(4)[labels[2:4]]  # group 1 mostly right: q > 0.5 -> kth branch
+  labels[rng.random(labels.shape) < 0.15] = 255
+  labels[4:6][rng.random((2, 6, 8)) < 0.8] = 255  # group 2: fewer valid pixels than min_kept
+  return logits, labels
+
+
+def test_ohem_groups_equal_the_release_per_gpu_float64():
+  """images_per_group=2 on 8 images = the mean of the release's OHEM over its four 2-image
+  'GPUs' (DDP's average), values and gradients; each group takes its own branch."""
+  logits, labels = _grouped_ohem_case()
+  thresh, min_kept = 0.5, 30
+  q = _label_probabilities(logits, labels).reshape(4, -1)
+  valid = (labels != 255).reshape(4, -1)
+  kth = np.sort(q, axis=1)[:, min_kept - 1]
+  branches = ['plain' if valid[g].sum() < min_kept else 'kth' if kth[g] > thresh else 'thresh'
+              for g in range(4)]
+  assert set(branches) == {'plain', 'kth', 'thresh'}, branches
+  case = {'logits': logits, 'labels': labels}
+  kwargs = {'thresh': thresh, 'min_kept': min_kept, 'images_per_group': 2}
+  numpy_value = reference.ohem_cross_entropy(**case, **kwargs)
+  _, loop_grads = _reference_value_and_grads(reference.ohem_cross_entropy, case, ('logits',),
+                                             **kwargs)
+  # The release's structure on torch: per 'GPU', mine, mask the target, torch's own CE; mean.
+  pred = torch.from_numpy(logits).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+  target = torch.from_numpy(labels).long()
+  release = sum(_release_style_ohem(pred[g:g + 2], target[g:g + 2], thresh, min_kept)
+                for g in range(0, 8, 2)) / 4
+  release.backward()
+  release_grads = {'logits': pred.grad.permute(0, 2, 3, 1).numpy()}
+  with jax.enable_x64(True):
+    value, grads = _jax_value_and_grads(losses.ohem_cross_entropy, case, ('logits',),
+                                        jnp.float64, **kwargs)
+    whole = float(losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
+                                            thresh=thresh, min_kept=min_kept))
+  _assert_close(value, float(numpy_value), rtol=1e-10)
+  _assert_close(value, float(release.detach()), rtol=1e-10)
+  _assert_grads_close(grads, loop_grads, rtol=1e-10)
+  _assert_grads_close(grads, release_grads, rtol=1e-10)
+  # Mining the 8 images as one group (what the loss did before) is a different loss.
+  assert abs(whole - value) > 1e-3 * abs(value)
+
+
+def test_ohem_group_edge_cases():
+  logits, labels = _grouped_ohem_case(seed=12)
+  logits32, labels32 = jnp.asarray(logits, jnp.float32), jnp.asarray(labels)
+  # None = one group of the whole batch = images_per_group=B.
+  np.testing.assert_allclose(
+      float(losses.ohem_cross_entropy(logits32, labels32, thresh=0.5, min_kept=30)),
+      float(losses.ohem_cross_entropy(logits32, labels32, thresh=0.5, min_kept=30,
+                                      images_per_group=8)), rtol=1e-6)
+  # A group without valid pixels counts as 0 in the mean (PyTorch would give NaN).
+  empty = labels.copy()
+  empty[6:] = 255
+  per_group = [float(reference.ohem_cross_entropy(logits[g:g + 2], empty[g:g + 2], thresh=0.5,
+                                                  min_kept=30)) for g in range(0, 8, 2)]
+  assert per_group[3] == 0.0
+  value = float(losses.ohem_cross_entropy(logits32, jnp.asarray(empty), thresh=0.5, min_kept=30,
+                                          images_per_group=2))
+  _assert_close(value, sum(per_group) / 4, rtol=1e-5)
+  for bad in (0, 3, -2, 2.0):
+    with pytest.raises(ValueError, match='images_per_group'):
+      losses.ohem_cross_entropy(logits32, labels32, images_per_group=bad)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():

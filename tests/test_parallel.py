@@ -32,6 +32,43 @@ def test_make_mesh_spans_all_devices():
   assert parallel.make_mesh(jax.devices()[:1]).size == 1
 
 
+def test_mesh_shape_from_the_config():
+  from uccl_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  mesh = parallel.mesh_from_config(config)
+  assert mesh.axis_names == ('data',) and mesh.devices.shape == (4,)
+  config.parallel.mesh_shape, config.parallel.mesh_axes = (-1, 2), ('data', 'model')
+  mesh = parallel.mesh_from_config(config)
+  assert dict(mesh.shape) == {'data': 2, 'model': 2}
+  assert parallel.data_parallel_size(mesh) == 2
+  # The batch splits over 'data' only: 2 rows need 2 devices' worth, not 4.
+  parallel.check_batch_size(2, mesh, process_count=1)
+  batch = parallel.global_batch({'x': np.arange(2, dtype=np.float32)}, mesh)
+  np.testing.assert_array_equal(np.asarray(batch['x']), [0, 1])
+  for shape, axes in (((3,), ('data',)), ((2, 2), ('model', 'pipe')), ((-1, -1), ('data', 'm')),
+                      ((2,), ('data', 'model'))):
+    config.parallel.mesh_shape, config.parallel.mesh_axes = shape, axes
+    with pytest.raises(parallel.MeshShapeError, match='parallel.mesh_shape'):
+      parallel.mesh_from_config(config)
+
+
+def test_prefetch_to_device_keeps_order_and_stays_two_ahead():
+  mesh = parallel.make_mesh()
+  pulled = []
+
+  def host_batches():
+    for index in range(5):
+      pulled.append(index)
+      yield {'x': np.full((4, 2), index, np.float32)}
+
+  device_batches = parallel.prefetch_to_device(host_batches(), mesh, depth=2)
+  first = next(device_batches)
+  assert pulled == [0, 1, 2]  # batch 0 handed out, 1 and 2 already on their way
+  assert first['x'].sharding == parallel.batch_sharding(mesh)
+  rest = list(device_batches)
+  assert [int(np.asarray(b['x'])[0, 0]) for b in [first] + rest] == [0, 1, 2, 3, 4]
+
+
 def test_global_batch_splits_rows_over_devices():
   mesh = parallel.make_mesh()
   local = {'a': np.arange(8 * 3, dtype=np.float32).reshape(8, 3),

@@ -9,6 +9,7 @@ import pytest
 
 import data_fixtures
 from uccl_jax.data import pipeline
+from uccl_jax.data import transforms
 
 CROP = 12
 
@@ -66,18 +67,32 @@ def _stream_reads(maker, stream: str, steps):
 
 
 def test_batch_contract_shapes_and_dtypes():
-  batch = _maker(global_batch=4, process_count=2)(0)
+  """The host batch is what uccl_jax.inputs documents: bytes, parameters and boxes, nothing dense."""
+  batch = _maker(global_batch=4, process_count=2).batch(0)
   assert set(batch) == {'labeled', 'unlabeled', 'mix'}
   assert set(batch['labeled']) == {'image', 'mask'}
-  assert batch['labeled']['image'].shape == (2, CROP, CROP, 3) and batch['labeled']['image'].dtype == np.float32
-  assert batch['labeled']['mask'].shape == (2, CROP, CROP) and batch['labeled']['mask'].dtype == np.int32
-  for stream in ('unlabeled', 'mix'):
-    assert set(batch[stream]) == {'weak', 'strong1', 'strong2', 'ignore', 'box1', 'box2'}
-    for key in ('weak', 'strong1', 'strong2'):
-      assert batch[stream][key].shape == (2, CROP, CROP, 3) and batch[stream][key].dtype == np.float32
-    for key in ('ignore', 'box1', 'box2'):
-      assert batch[stream][key].shape == (2, CROP, CROP) and batch[stream][key].dtype == np.int32
-    assert set(np.unique(batch[stream]['ignore']).tolist()) <= {0, 255}
+  assert batch['labeled']['image'].shape == (2, CROP, CROP, 3) and batch['labeled']['image'].dtype == np.uint8
+  assert batch['labeled']['mask'].shape == (2, CROP, CROP) and batch['labeled']['mask'].dtype == np.uint8
+  num_params = len(transforms.STRONG_PARAMS)
+  for stream, boxes in (('unlabeled', {'box1', 'box2'}), ('mix', set())):
+    assert set(batch[stream]) == {'weak', 'strong1', 'strong2', 'valid'} | boxes
+    assert batch[stream]['weak'].shape == (2, CROP, CROP, 3) and batch[stream]['weak'].dtype == np.uint8
+    for key in ('strong1', 'strong2'):
+      assert batch[stream][key].shape == (2, num_params) and batch[stream][key].dtype == np.float32
+    for key in {'valid'} | boxes:
+      assert batch[stream][key].shape == (2, 4) and batch[stream][key].dtype == np.int32
+      top, left, height, width = batch[stream][key].T
+      assert np.all((top >= 0) & (left >= 0) & (top + height <= CROP) & (left + width <= CROP))
+
+
+def test_iterator_matches_the_maker_and_sizes_a_lean_batch():
+  """grain stacks per-sample elements into exactly the maker's batches."""
+  maker = _maker(global_batch=4)
+  iterator = pipeline.TrainIterator(maker, workers=0)
+  got = _take(iterator, 2)
+  iterator.close()
+  for step, batch in enumerate(got):
+    _assert_same(batch, maker.batch(step))
 
 
 def test_unlabeled_epochs_visit_each_image_once_and_reshuffle():
@@ -101,7 +116,7 @@ def test_labeled_stream_repeats_reshuffled_passes():
 
 def test_supervised_epoch_is_one_pass_over_the_labeled_list():
   maker = _maker(num_labeled=9, global_batch=4, supervised=True)
-  batch = maker(0)
+  batch = maker.batch(0)
   assert set(batch) == {'labeled'}
   epoch0 = _stream_reads(maker, 'labeled', range(2))
   assert len(set(epoch0)) == 8  # 9 // 4 = 2 steps, one image dropped
@@ -127,17 +142,17 @@ def test_two_process_shards_are_disjoint_and_cover_the_global_batch(stream):
 def test_process_reads_only_its_shard():
   makers = [_maker(num_unlabeled=12, global_batch=4, process_index=p, process_count=2) for p in range(2)]
   for maker in makers:
-    maker(0)
+    maker.batch(0)
   for maker in makers:
     # Its own 2 unlabeled + 2 mixing samples, nothing of the other process's half.
-    assert maker.unlabeled_source.reads == (_stream_reads(maker, 'unlabeled', [0])
-                                            + _stream_reads(maker, 'mix', [0]))
+    assert sorted(maker.unlabeled_source.reads) == sorted(_stream_reads(maker, 'unlabeled', [0])
+                                                          + _stream_reads(maker, 'mix', [0]))
     assert len(maker.labeled_source.reads) == 2
   own = [set(_stream_reads(maker, 'unlabeled', [0])) for maker in makers]
   assert not own[0] & own[1]
   # The global batch: the same views whichever process computes them.
-  whole = _maker(num_unlabeled=12, global_batch=4)(0)
-  halves = [maker(0) for maker in makers]
+  whole = _maker(num_unlabeled=12, global_batch=4).batch(0)
+  halves = [maker.batch(0) for maker in makers]
   for key in whole['unlabeled']:
     np.testing.assert_array_equal(whole['unlabeled'][key],
                                   np.concatenate([h['unlabeled'][key] for h in halves]))
@@ -189,6 +204,22 @@ def test_worker_count_does_not_change_batches_and_resume_crosses_it():
     _assert_same(want, batch)
 
 
+def test_workers_default_to_this_process_share_of_the_cpus(monkeypatch):
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+  monkeypatch.delenv('UCCL_LOCAL_PROCESS_COUNT', raising=False)
+  monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+  monkeypatch.delenv('SLURM_NTASKS_PER_NODE', raising=False)
+  assert pipeline.resolve_workers(-1) == 15  # one CPU left to the training loop
+  monkeypatch.setenv('SLURM_NTASKS_PER_NODE', '4(x2)')  # 4 processes on this node
+  assert pipeline.resolve_workers(-1) == 3
+  monkeypatch.setenv('UCCL_LOCAL_PROCESS_COUNT', '16')
+  assert pipeline.resolve_workers(-1) == 1  # never fewer than one worker
+  assert pipeline.resolve_workers(0) == 0 and pipeline.resolve_workers(5) == 5
+  for bad in (-2, 1.5, True):
+    with pytest.raises(pipeline.PipelineError, match='data.workers'):
+      pipeline.resolve_workers(bad)
+
+
 def test_batch_size_must_divide_by_process_count():
   with pytest.raises(pipeline.PipelineError, match='train.batch_size'):
     _maker(global_batch=6, process_count=4)
@@ -216,7 +247,7 @@ def test_make_train_iterator_on_a_folder_dataset(cityscapes_config):
   batch = next(iterator)
   iterator.close()
   assert batch['labeled']['image'].shape == (2, CROP, CROP, 3)
-  assert batch['mix']['box2'].shape == (2, CROP, CROP)
+  assert batch['unlabeled']['box2'].shape == (2, 4) and 'box2' not in batch['mix']
   assert set(np.unique(batch['labeled']['mask']).tolist()) <= set(range(19)) | {255}
 
 
@@ -226,11 +257,12 @@ def test_make_train_iterator_rejects_indivisible_batch(cityscapes_config):
 
 
 def test_val_dataset_shards_cover_the_list_at_full_resolution(cityscapes_config):
-  shards = [pipeline.make_val_dataset(cityscapes_config, process_index=p, process_count=2) for p in range(2)]
+  from uccl_jax.data import val_input  # pylint: disable=g-import-not-at-top
+  shards = [val_input.make_val_dataset(cityscapes_config, process_index=p, process_count=2) for p in range(2)]
   names = [[example['name'] for example in shard] for shard in shards]
   assert len(names[0]) == 2 and len(names[1]) == 1
   assert not set(names[0]) & set(names[1]) and len(set(names[0] + names[1])) == 3
   example = shards[0][0]
-  assert example['image'].shape == (16, 32, 3) and example['image'].dtype == np.float32
-  assert example['mask'].shape == (16, 32) and example['mask'].dtype == np.int32
-  assert abs(float(example['image'].mean())) < 3  # normalised, not 0..255
+  # Raw bytes: evaluation normalises on the device.
+  assert example['image'].shape == (16, 32, 3) and example['image'].dtype == np.uint8
+  assert example['mask'].shape == (16, 32) and example['mask'].dtype == np.uint8

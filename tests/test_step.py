@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from uccl_jax import config as config_lib
+from uccl_jax import inputs
 from uccl_jax import losses
 from uccl_jax import parallel
 from uccl_jax import step
+from uccl_jax.data import transforms
 
 NUM_CLASSES = 3
 CROP = 33
@@ -87,32 +89,41 @@ def make_config(method='uccl', **train):
 
 
 def make_batch(seed=0, batch=BATCH, size=CROP):
-  """A pipeline-shaped batch: padding on the right, CutMix boxes, ignored label pixels."""
+  """A host batch in the pipeline's layout (uccl_jax.inputs): padding on the right, CutMix boxes,
+  strong-view parameters drawn by the pipeline's own function, ignored label pixels."""
   rng = np.random.default_rng(seed)
 
   def images():
-    return rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
   def boxes():
-    box = np.zeros((batch, size, size), np.int32)
+    box = np.zeros((batch, 4), np.int32)
     for i in range(batch):
       y, x = rng.integers(0, size - 12, 2)
-      box[i, y:y + 12, x:x + 14] = 1
+      box[i] = (y, x, 12, 14)
     return box
 
-  def ignore():
-    mask = np.zeros((batch, size, size), np.int32)
-    for i in range(batch):
-      mask[i, :, size - rng.integers(1, 9):] = 255
-    return mask
+  def valid():
+    return np.array([(0, 0, size, size - rng.integers(1, 9)) for _ in range(batch)], np.int32)
 
-  def unlabeled():
-    return dict(weak=images(), strong1=images(), strong2=images(), ignore=ignore(),
-                box1=boxes(), box2=boxes())
+  def strong():
+    return np.stack([transforms.draw_strong_params(rng) for _ in range(batch)])
 
-  mask = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
+  def unlabeled(with_boxes=True):
+    views = dict(weak=images(), strong1=strong(), strong2=strong(), valid=valid())
+    if with_boxes:
+      views.update(box1=boxes(), box2=boxes())
+    return views
+
+  mask = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.uint8)
   mask[:, :4] = 255
-  return dict(labeled=dict(image=images(), mask=mask), unlabeled=unlabeled(), mix=unlabeled())
+  return dict(labeled=dict(image=images(), mask=mask), unlabeled=unlabeled(),
+              mix=unlabeled(with_boxes=False))
+
+
+def dense_batch(batch):
+  """The step's view of a host batch (uccl_jax.inputs.expand), as NumPy, for the references."""
+  return jax.tree.map(np.asarray, jax.jit(inputs.expand)(batch))
 
 
 def init_state(config, model=None, total_steps=100, mesh=None):
@@ -254,7 +265,7 @@ def reference_loss(params, *, state, batch, teacher, model, config):
   keys = {p: step.pass_rng(state.rng, state.step, 0, p) for p in (1, 2, 3, 4)}
   conf_mix, label_mix = teacher
 
-  ign_u, ign_mix = u['ignore'] == 255, mix['ignore'] == 255
+  ign_u, ign_mix = u['ignore'], mix['ignore']
   ign1, ign2 = paste(u['box1'], ign_mix, ign_u), paste(u['box2'], ign_mix, ign_u)
   weak1 = paste(u['box1'], mix['weak'], u['weak'])
   weak2 = paste(u['box2'], mix['weak'], u['weak'])
@@ -324,10 +335,11 @@ def test_loss_terms_and_gradient_match_direct_composition(anchors):
   config.unsup.anchors = anchors
   model, state = init_state(config, total_steps=10**9)
   batch = make_batch(seed=3)
+  dense = dense_batch(batch)
 
-  teacher = teacher_prediction(state, batch, model)
+  teacher = teacher_prediction(state, dense, model)
   (_, (ref_metrics, ref_stats)), ref_grads = jax.jit(jax.value_and_grad(
-      functools.partial(reference_loss, state=state, batch=batch, teacher=teacher, model=model,
+      functools.partial(reference_loss, state=state, batch=dense, teacher=teacher, model=model,
                         config=config), has_aux=True))(state.params)
   # The test exercises both sides of every threshold.
   assert 0.05 < float(ref_metrics['mask_ratio']) < 0.95

@@ -75,7 +75,7 @@ class _FakeResult:
 
 
 def _run(tmp_path, monkeypatch, *, last_step, every_steps, eval_every, steps_per_epoch=3,
-         nan_at=None, sigterm_at=None, log_every=2):
+         nan_at=None, sigterm_at=None, log_every=2, train_step=None):
   config = config_lib.base_config()
   config.data.name = 'synthetic'
   config.data.num_classes = 7
@@ -99,7 +99,7 @@ def _run(tmp_path, monkeypatch, *, last_step, every_steps, eval_every, steps_per
                                    tensorboard=False, console='off')
   try:
     with train._Preemption() as preemption:  # pylint: disable=protected-access
-      result = train.run_loop(config, plan, None, mesh, _fake_step(nan_at, sigterm_at), state,
+      result = train.run_loop(config, plan, None, mesh, train_step or _fake_step(nan_at, sigterm_at), state,
                               _FakeIterator(), manager, reporter, 0, preemption)
   finally:
     reporter.close()
@@ -120,11 +120,38 @@ def test_saves_and_evaluates_on_schedule(tmp_path, monkeypatch):
   # The iterator state saved with step s says s batches were consumed.
   for step in manager.all_steps():
     _, data_state = manager.restore(step, {'w': jnp.zeros(())})
-    assert data_state == {'position': step}
+    assert data_state == {'step': step}
   records = reporting.read_metrics(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records if r['kind'] == 'train'] == [2, 4, 6, 8]
   assert [r['step'] for r in records if r['kind'] == 'eval'] == [6, 8]
   assert all(math.isfinite(r['step_time']) for r in records if r['kind'] == 'train')
+
+
+def test_steps_between_logging_steps_copy_nothing_to_the_host(tmp_path, monkeypatch,
+                                                               cpu_transfer_guard):
+  """The per-step path (prefetch, step, finite watch, progress) under a guard that forbids every
+  device-to-host copy, explicit ones too: 9 non-logging steps, then the final (logging) step."""
+  del cpu_transfer_guard
+  monkeypatch.setattr(train, 'STEP_TRANSFER_GUARD', 'disallow_explicit')
+  result, _ = _run(tmp_path, monkeypatch, last_step=10, every_steps=100, eval_every=0,
+                   steps_per_epoch=100, log_every=100)
+  assert result.step == 10
+  records = reporting.read_metrics(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [10]
+
+
+def test_a_per_step_host_read_trips_the_guard(tmp_path, monkeypatch, cpu_transfer_guard):
+  """The guard is real: a step that reads a device value on the host every step fails at once."""
+  del cpu_transfer_guard
+  fake = _fake_step()
+
+  def reading_step(state, batch):
+    state, metrics = fake(state, batch)
+    float(metrics['loss'])  # the kind of per-step sync the loop must not make
+    return state, metrics
+  with pytest.raises(Exception, match='(?i)disallowed device-to-host'):
+    _run(tmp_path / 'run', monkeypatch, last_step=10, every_steps=100, eval_every=0,
+         steps_per_epoch=100, log_every=100, train_step=reading_step)
 
 
 def test_nan_loss_stops_naming_step_and_terms_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -100,50 +100,81 @@ def test_labeled_view_shapes_dtypes_and_pad_value():
   seen_pad = False
   for seed in range(10):
     view = transforms.labeled_view(record, CROP, np.random.default_rng(seed))
-    assert view['image'].shape == (CROP, CROP, 3) and view['image'].dtype == np.float32
-    assert view['mask'].shape == (CROP, CROP) and view['mask'].dtype == np.int32
+    assert view['image'].shape == (CROP, CROP, 3) and view['image'].dtype == np.uint8
+    assert view['mask'].shape == (CROP, CROP) and view['mask'].dtype == np.uint8
     values = set(np.unique(view['mask']).tolist())
     assert values <= set(range(19)) | {255}
     seen_pad |= 255 in values
   assert seen_pad
 
 
-def _unlabeled(seed: int, size=(10, 14), crop: int = CROP, vflip_prob: float = 0.0, normalize: bool = False):
+def _unlabeled(seed: int, size=(10, 14), crop: int = CROP, vflip_prob: float = 0.0):
   record = _record(*size, seed, with_mask=False)
-  return transforms.unlabeled_views(record, crop, np.random.default_rng(seed), vflip_prob=vflip_prob,
-                                    normalize=normalize)
+  return transforms.unlabeled_views(record, crop, np.random.default_rng(seed), vflip_prob=vflip_prob)
 
 
 def test_unlabeled_views_contract():
-  views = _unlabeled(0, normalize=True)
+  views = _unlabeled(0)
+  assert views['weak'].shape == (CROP, CROP, 3) and views['weak'].dtype == np.uint8
+  for key in ('strong1', 'strong2'):
+    assert views[key].shape == (len(transforms.STRONG_PARAMS),) and views[key].dtype == np.float32
+  for key in ('valid', 'box1', 'box2'):
+    assert views[key].shape == (4,) and views[key].dtype == np.int32
+  rendered = transforms.render_unlabeled_views(views)
   for key in ('weak', 'strong1', 'strong2'):
-    assert views[key].shape == (CROP, CROP, 3) and views[key].dtype == np.float32
+    assert rendered[key].shape == (CROP, CROP, 3) and rendered[key].dtype == np.uint8
   for key in ('ignore', 'box1', 'box2'):
-    assert views[key].shape == (CROP, CROP) and views[key].dtype == np.int32
+    assert rendered[key].shape == (CROP, CROP)
+
+
+def test_unlabeled_views_draw_in_the_order_of_the_dense_host_views():
+  """Geometry, strong view 1, box 1, strong view 2, box 2: UniMatch's order, so a seed gives the views
+  the host-rendered pipeline gave (the strong views through the host photometric ops)."""
+  record = _record(14, 18, 7, with_mask=False)
+  views = transforms.unlabeled_views(record, CROP, np.random.default_rng(11))
+  rng = np.random.default_rng(11)
+  geometry = transforms.draw_geometry(14, 18, CROP, rng)
+  weak, _ = transforms.apply_geometry(record['image'], None, geometry, CROP, 254)
+  strong1 = transforms.strong_view(weak, rng)
+  box1 = transforms.draw_cutmix_box(CROP, rng)
+  strong2 = transforms.strong_view(weak, rng)
+  box2 = transforms.draw_cutmix_box(CROP, rng)
+  rendered = transforms.render_unlabeled_views(views)
+  np.testing.assert_array_equal(rendered['weak'], weak)
+  np.testing.assert_array_equal(rendered['strong1'], strong1)
+  np.testing.assert_array_equal(rendered['strong2'], strong2)
+  np.testing.assert_array_equal(views['box1'], box1)
+  np.testing.assert_array_equal(views['box2'], box2)
 
 
 @pytest.mark.parametrize('seed', range(8))
 def test_ignore_marks_exactly_the_padding(seed):
   rng = np.random.default_rng(seed)
   record = _record(int(rng.integers(4, 20)), int(rng.integers(4, 20)), seed, with_mask=False)
+  vflip_prob = 0.5
   # Same draws as unlabeled_views makes first: the geometry.
-  g = transforms.draw_geometry(*record['image'].shape[:2], CROP, np.random.default_rng(100 + seed))
-  views = transforms.unlabeled_views(record, CROP, np.random.default_rng(100 + seed), normalize=False)
+  g = transforms.draw_geometry(*record['image'].shape[:2], CROP, np.random.default_rng(100 + seed),
+                               vflip_prob=vflip_prob)
+  views = transforms.unlabeled_views(record, CROP, np.random.default_rng(100 + seed),
+                                     vflip_prob=vflip_prob)
   # The padding is where the resized image does not reach, from the geometry alone.
   inside = np.zeros((CROP, CROP), bool)
   inside[:g.resized_height - g.top, :g.resized_width - g.left] = True
   if g.hflip:
     inside = inside[:, ::-1]
-  np.testing.assert_array_equal(views['ignore'], np.where(inside, 0, 255))
+  if g.vflip:
+    inside = inside[::-1]
+  np.testing.assert_array_equal(transforms.render_unlabeled_views(views)['ignore'],
+                                np.where(inside, 0, 255))
   # The weak view is black wherever it is padding.
   assert (views['weak'][~inside] == 0).all()
 
 
 def test_unlabeled_views_never_read_a_mask():
   record = _record(12, 12, with_mask=True)
-  with_mask = transforms.unlabeled_views(record, CROP, np.random.default_rng(3), normalize=False)
+  with_mask = transforms.unlabeled_views(record, CROP, np.random.default_rng(3))
   record.pop('mask')
-  without = transforms.unlabeled_views(record, CROP, np.random.default_rng(3), normalize=False)
+  without = transforms.unlabeled_views(record, CROP, np.random.default_rng(3))
   for key in with_mask:
     np.testing.assert_array_equal(with_mask[key], without[key])
 
@@ -174,7 +205,8 @@ def test_strong_views_are_aligned_with_the_weak_view():
   scene = np.asarray(Image.fromarray(low_res).resize((30, 24), Image.BICUBIC))
   identical, aligned = 0, 0
   for seed in range(30):
-    views = transforms.unlabeled_views({'image': scene}, 20, np.random.default_rng(seed), normalize=False)
+    views = transforms.render_unlabeled_views(
+        transforms.unlabeled_views({'image': scene}, 20, np.random.default_rng(seed)))
     weak = _luma(views['weak']).ravel()
     mirrored = _luma(np.ascontiguousarray(views['weak'][:, ::-1])).ravel()
     for key in ('strong1', 'strong2'):
@@ -227,7 +259,7 @@ def test_color_jitter_hue_shift_matches_hsv_rotation():
 def test_cutmix_boxes_inside_with_area_and_ratio_in_range():
   crop = 64
   rng = np.random.default_rng(0)
-  boxes = [transforms.cutmix_box(crop, rng) for _ in range(300)]
+  boxes = [transforms.box_map(transforms.draw_cutmix_box(crop, rng), crop) for _ in range(300)]
   present = [box for box in boxes if box.any()]
   assert 0.4 < len(present) / len(boxes) < 0.6
   for box in present:
@@ -244,8 +276,8 @@ def test_cutmix_boxes_inside_with_area_and_ratio_in_range():
 
 def test_cutmix_box_probability_zero_and_one():
   rng = np.random.default_rng(0)
-  assert not transforms.cutmix_box(16, rng, prob=0.0).any()
-  assert all(transforms.cutmix_box(16, rng, prob=1.0).any() for _ in range(20))
+  assert not transforms.draw_cutmix_box(16, rng, prob=0.0).any()
+  assert all(transforms.draw_cutmix_box(16, rng, prob=1.0)[2:].all() for _ in range(20))
 
 
 def test_views_are_repeatable_and_seed_dependent():

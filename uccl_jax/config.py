@@ -26,7 +26,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.output_stride = 16
   config.model.dilations = (6, 12, 18)
   config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPUs (params, BN stats, losses stay float32)
-  config.model.pretrained = ''  # path to a backbone .pth or converted checkpoint; '' = random init
+  # Rematerialise the backbone's stem and blocks and the decoder (jax.checkpoint): the backward
+  # pass recomputes their activations instead of keeping them. Less memory per device for about
+  # one more forward pass of compute; same variables, so checkpoints load either way.
+  config.model.remat = False
+  # ImageNet backbone: a UniMatch-format .pth (pretrained/resnet50.pth) or a folder converted by
+  # `python -m uccl_jax.convert`, loaded strictly; '' or 'none' = random init on purpose. The
+  # Pascal/Cityscapes recipes default to 'pretrained/resnet50.pth' (as the release) and stop before
+  # writing anything when it is missing.
+  config.model.pretrained = ''
 
   config.data = ml_collections.ConfigDict()
   # 'cityscapes' | 'pascal' | 'synthetic' (folder layout and class names; 'synthetic' is the
@@ -54,7 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 21
   config.data.ignore_index = 255
   config.data.vflip_prob = 0.0  # the paper's text lists vertical flips; the released code has none
-  config.data.workers = 4  # grain worker processes for decoding and augmentation (0 = in-process)
+  # Which image each unlabeled image is CutMix-ed with: 'other' = the mixing stream's own shuffle
+  # (an independent image, UniMatch's intent); 'same' = the record the unlabeled stream reads at the
+  # same position, with its own augmentation (another crop of itself: what UniMatch and the release
+  # do, iterating one DistributedSampler-backed loader twice). docs/RECIPES.md.
+  config.data.mix_images = 'other'
+  # grain worker processes for decoding and augmentation: -1 = the CPUs this process may use
+  # (os.sched_getaffinity) divided by the processes on this host, minus one for the loop;
+  # 0 = all input work in the calling process. The value used is logged at the start.
+  config.data.workers = -1
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 8  # global, per stream (labeled / unlabeled / mixing)
@@ -69,7 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.grad_accum = 1
   config.train.labeled_loss = 'ce'  # 'ce' | 'ohem'
   config.train.ohem_thresh = 0.7
-  config.train.ohem_min_kept = 200000
+  config.train.ohem_min_kept = 200000  # per group
+  # OHEM mines groups of this many consecutive images of the global batch separately (the mean of
+  # the groups' losses): the release mines each GPU's 2 images. Device count and grad_accum do not
+  # change the loss; 0 = the whole batch as one group (grad_accum 1 only).
+  config.train.ohem_images_per_group = 2
 
   config.unsup = ml_collections.ConfigDict()
   config.unsup.conf_thresh = 0.95  # pseudo-label confidence threshold of the UniMatch losses
@@ -94,8 +114,62 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.mode = 'original'  # 'original' | 'center_crop' | 'sliding_window'
   config.eval.every_epochs = 1
 
+  config.parallel = ml_collections.ConfigDict()
+  # The device mesh: its shape over all devices of all processes (-1: the rest) and its axis
+  # names. The batch is split over 'data'; every other axis (size 1 by default, none today)
+  # holds replicas, ready for a model-parallel axis without a rewrite of the step.
+  config.parallel.mesh_shape = (-1,)
+  config.parallel.mesh_axes = ('data',)
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000
   config.checkpoint.keep = 2
 
   return config
+
+
+RECIPE_VARIANTS = ('release', 'paper')  # docs/RECIPES.md
+
+
+def parse_recipe_arg(arg: str, *, config_file: str, splits: tuple[str, ...],
+                     default_split: str) -> tuple[str, tuple[str, ...]]:
+  """'SPLIT[,VARIANT...]' (the word after ':' in --config=FILE:ARG) -> (split, variants).
+
+  Each comma-separated word is a split or a variant of RECIPE_VARIANTS, in any
+  order; no split word means `default_split`. A word that is neither is a
+  ValueError naming the choices.
+  """
+  split, variants = None, []
+  for word in (w.strip() for w in str(arg).split(',')):
+    if word in splits:
+      if split is not None:
+        raise ValueError(f'{config_file}: two splits, {split!r} and {word!r}; choose one')
+      split = word
+    elif word in RECIPE_VARIANTS and word not in variants:
+      variants.append(word)
+    elif word:
+      raise ValueError(f'{config_file}: unknown split or variant {word!r}; splits: '
+                       f'{", ".join(splits)}; variants: {", ".join(RECIPE_VARIANTS)} '
+                       f'(e.g. :{splits[0]},release)')
+  if 'release' in variants and 'paper' in variants:
+    raise ValueError(f'{config_file}: choose one of the variants release and paper, not both')
+  return split or default_split, tuple(variants)
+
+
+def apply_recipe_variants(config: ml_collections.ConfigDict, variants: tuple[str, ...]) -> None:
+  """Sets the fields the 'release' / 'paper' variants change on every dataset (docs/RECIPES.md).
+
+  'release': the released code's behaviour (SBU threshold = the pseudo-label
+  threshold, SBU over the whole image, each image mixed with another crop of
+  itself, no vertical flips, the extra weak passes); 'paper': Eq. 7 and
+  vertical flips (p 0.5). Dataset configs add what differs per dataset.
+  """
+  if 'release' in variants:
+    config.sbu.threshold = config.unsup.conf_thresh  # the release reuses conf_thresh for SBU
+    config.sbu.variant = 'reference'
+    config.data.mix_images = 'same'
+    config.data.vflip_prob = 0.0
+    config.unsup.anchors = 'passes'
+  if 'paper' in variants:
+    config.sbu.variant = 'paper'
+    config.data.vflip_prob = 0.5

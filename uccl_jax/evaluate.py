@@ -23,12 +23,24 @@ predictions thus scores 0 and pulls the mean down, exactly as in UniMatch (on
 the real validation sets every class appears, so this never matters there);
 `EvalResult.present` says which classes had a non-zero union.
 
-Speed: every image is evaluated at its own size, as the protocol asks. One XLA
-program per distinct image shape (jit's cache; Cityscapes has one shape, Pascal
-VOC many, each compiled once per run; a fresh `make_predict_fn` with new
-variables reuses them). Consecutive images of the same shape
-are batched, one per local device, and in 'sliding_window' all windows of one
-shape from all images of the batch go through the network in one call. Each
+How it runs (DESIGN.md, "Feeding accelerators"). The host ships uint8 images
+and byte masks (`data.val_input`, which decodes them ahead in threads); one
+jitted program per image shape normalises the images (bit-identical to the
+host's `transforms.normalize`, so the counts are those of a float32 host
+path), runs the protocol, and adds the image's counts to int32 counters that
+stay on the devices, one set per device (kept as 30-bit halves, so they never
+overflow). The host never waits for a result: it dispatches batch n+1 while
+the devices work on batch n (at most `max_in_flight` batches queued), and reads
+the counters once, at the end. Every image is evaluated at its own size, as
+the protocol asks, so there is one XLA program per distinct shape (jit's
+cache; Cityscapes has one, Pascal VOC many, each compiled once per run; a fresh
+`make_predict_fn` with new variables reuses them). A batch holds
+`images_per_device` images per local device, all of one shape: images are
+grouped by shape within a window of upcoming images, so a device gets a filler
+only when a shape runs out (the last batch of Cityscapes; the tail of each
+Pascal size). A filler is zeros with an all-ignore mask, so it counts nothing
+and no image is ever evaluated twice. In 'sliding_window' all windows of one
+shape of all images of a batch go through the network in one call. Each
 process works on its own images with its own local devices only (image shapes
 differ between processes, so no global program spans them); only the counts
 are summed across processes at the end.
@@ -45,13 +57,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uccl_jax import inputs
+from uccl_jax.data import transforms
+
 MODES = ('original', 'center_crop', 'sliding_window')
 
-# predict_fn(images f32 [N, h, w, 3]) -> logits [N, h, w, C]. A
+# predict_fn(images f32 [N, h, w, 3], normalised) -> logits [N, h, w, C]. A
 # `jax.tree_util.Partial` (what `make_predict_fn` returns) passes its arrays,
 # the model variables, into the evaluation programs as arguments; any other
 # callable is traced with whatever it closes over baked in as constants.
 PredictFn = Callable[[jax.Array], jax.Array]
+
+# The device counters keep each count as high * 2**30 + low with 0 <= low < 2**30,
+# so adding one batch's counts (< 2**30 per device, checked) never overflows int32.
+_LOW_BITS = 30
+_NO_IMAGE = np.iinfo(np.int32).max  # "no bad image yet" in the bad-label counter
+_PENDING_BATCHES = 4  # images held back for grouping by shape: this many batches' worth
 
 
 class EvalError(ValueError):
@@ -234,6 +255,22 @@ def _as_partial(predict_fn: PredictFn) -> jax.tree_util.Partial:
   return jax.tree_util.Partial(predict_fn)
 
 
+def normalize_on_device(images: jax.Array) -> jax.Array:
+  """uint8 images [..., 3] -> float32 ImageNet-normalised, bit for bit `transforms.normalize`.
+
+  A table look-up rather than `(x / 255 - mean) / std` in float32, which
+  differs from the float64-then-rounded values in the last bit for more than
+  half of the 768 (value, channel) pairs and could flip a near-tie pixel:
+  evaluation must give the mIoU the host path gave. Float images are taken
+  as normalised already and only cast (tests, custom pipelines).
+  """
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(jnp.float32)
+  if images.dtype != jnp.uint8:
+    raise EvalError(f'images must be uint8 (raw pixels) or float (normalised), got {images.dtype}')
+  return inputs.normalize(images)
+
+
 def _checked_logits(predict_fn: PredictFn, images: jax.Array) -> jax.Array:
   logits = predict_fn(images)
   if logits.ndim != 4 or logits.shape[:3] != images.shape[:3]:
@@ -275,14 +312,22 @@ def sliding_window_probabilities(predict_fn: PredictFn, images: jax.Array,
   return total, coverage
 
 
+def _protocol_labels(predict_fn: PredictFn, images: jax.Array,
+                     window: int | None) -> tuple[jax.Array, int]:
+  """(i32 [B, H, W] labels, number of classes C) of images [B, H, W, 3] (uint8 or normalised)."""
+  images = normalize_on_device(images)
+  if window is None:
+    logits = _checked_logits(predict_fn, images)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits.shape[-1]
+  total, _ = sliding_window_probabilities(predict_fn, images, window)
+  return jnp.argmax(total, axis=-1).astype(jnp.int32), total.shape[-1]
+
+
 @functools.partial(jax.jit, static_argnames=('window',))
 def _predict_labels_program(predict_fn: jax.tree_util.Partial, images: jax.Array,
                             window: int | None) -> jax.Array:
-  """i32 [B, H, W] labels of images f32 [B, H, W, 3]: whole image (window None) or windows."""
-  if window is None:
-    return jnp.argmax(_checked_logits(predict_fn, images), axis=-1).astype(jnp.int32)
-  total, _ = sliding_window_probabilities(predict_fn, images, window)
-  return jnp.argmax(total, axis=-1).astype(jnp.int32)
+  """i32 [B, H, W] labels of images [B, H, W, 3]: whole image (window None) or windows."""
+  return _protocol_labels(predict_fn, images, window)[0]
 
 
 def _check_mode(mode: str, crop_size: int) -> None:
@@ -296,25 +341,28 @@ def _check_mode(mode: str, crop_size: int) -> None:
 
 def predict_labels(predict_fn: PredictFn, images: np.ndarray, *, mode: str, crop_size: int,
                    devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-  """i32 [B, h, w] labels of equal-size images f32 [B, H, W, 3] under one protocol.
+  """i32 [B, h, w] labels of equal-size images [B, H, W, 3] under one protocol.
 
-  For 'center_crop' the labels cover the crop (`center_crop_box`). The batch is
-  spread over `devices` (default: this process's local devices), padded with
-  copies of the last image to a multiple of their number.
+  Images are uint8 pixels (normalised on the device) or float32 already
+  normalised. For 'center_crop' the labels cover the crop (`center_crop_box`).
+  The batch is spread over `devices` (default: this process's local devices),
+  filled up with zero images to a multiple of their number. A helper for one
+  batch (predictions, tests); `evaluate` is the path that scores a data set.
   """
   _check_mode(mode, crop_size)
-  images = np.asarray(images, np.float32)
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise EvalError(f'images must be [B, H, W, 3], got shape {images.shape}')
   if mode == 'center_crop':
     row, col, h, w = center_crop_box(images.shape[1], images.shape[2], crop_size)
     images = images[:, row:row + h, col:col + w]
   mesh = _local_mesh(devices)
-  num_devices = mesh.devices.size
   count = images.shape[0]
-  padded = -count % num_devices
-  if padded:
-    images = np.concatenate([images, np.repeat(images[-1:], padded, axis=0)])
+  filler = -count % mesh.devices.size
+  if filler:
+    images = np.concatenate([images, np.zeros((filler,) + images.shape[1:], images.dtype)])
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
   labels = _predict_labels_program(
       _to_local(_as_partial(predict_fn), mesh), jax.device_put(images, batch_sharding),
@@ -322,69 +370,221 @@ def predict_labels(predict_fn: PredictFn, images: np.ndarray, *, mode: str, crop
   return np.asarray(labels)[:count]
 
 
-def _same_shape_batches(dataset: Iterable[Mapping[str, Any]],
-                        batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
-  """Groups consecutive records whose images have one shape, at most `batch_size` per group."""
-  group: list[Mapping[str, Any]] = []
-  for record in dataset:
-    if group and (len(group) == batch_size
-                  or np.shape(record['image']) != np.shape(group[0]['image'])):
+# ----------------------------------------------------------------------------
+# Counts on the device.
+
+
+def device_counts(labels: jax.Array, masks: jax.Array, *, num_classes: int,
+                  ignore_index: int = 255) -> tuple[jax.Array, jax.Array]:
+  """Per-image counts of predictions i32 [B, h, w] against masks [B, h, w] (traceable).
+
+  Returns (i32 [B, 3, K]: intersection, union, target as `intersection_union_counts`
+  counts them; bool [B, h, w]: pixels whose label is neither a class in [0, K)
+  nor `ignore_index`, which count nothing and make `evaluate` fail). One
+  scatter-add into a K x K confusion histogram per image (label * K + predicted;
+  ignored pixels go to an extra bin that is dropped): on a CPU this is 50x
+  faster than K one-hot comparisons, which XLA materialises there.
+  """
+  masks = masks.astype(jnp.int32)
+  labelled = masks != ignore_index
+  in_range = (masks >= 0) & (masks < num_classes)
+  bad = labelled & ~in_range
+  dropped = num_classes * num_classes
+  index = jnp.where(labelled & in_range, masks * num_classes + labels, dropped)
+  confusion = jax.vmap(lambda i: jnp.bincount(i.reshape(-1), length=dropped + 1))(index)
+  confusion = confusion[:, :dropped].reshape(-1, num_classes, num_classes).astype(jnp.int32)
+  intersection = jnp.diagonal(confusion, axis1=1, axis2=2)
+  predicted = jnp.sum(confusion, axis=1)  # over labels
+  target = jnp.sum(confusion, axis=2)  # over predictions
+  return jnp.stack([intersection, predicted + target - intersection, target], axis=1), bad
+
+
+def _zero_counters(num_devices: int, num_classes: int) -> dict[str, np.ndarray]:
+  """Per-device counters: counts = high * 2**30 + low (each i32 [D, 3, K]); bad-label record."""
+  return {'low': np.zeros((num_devices, 3, num_classes), np.int32),
+          'high': np.zeros((num_devices, 3, num_classes), np.int32),
+          # images with bad labels, the smallest such image id, the largest bad label
+          'bad': np.tile(np.array([0, _NO_IMAGE, -1], np.int32), (num_devices, 1))}
+
+
+@functools.partial(jax.jit, static_argnames=('window', 'num_classes', 'ignore_index', 'sharding'))
+def _evaluate_batch(predict_fn: jax.tree_util.Partial, counters: dict[str, jax.Array],
+                    images: jax.Array, masks: jax.Array, ids: jax.Array, *, window: int | None,
+                    num_classes: int, ignore_index: int,
+                    sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Counters + one batch: images [D*n, H, W, 3], masks [D*n, H, W], ids i32 [D*n], all sharded.
+
+  Everything is per image along the sharded batch axis, so no device talks to
+  another; each adds its own n images into its own row of the counters.
+  """
+  labels, classes = _protocol_labels(predict_fn, images, window)
+  if classes > num_classes:
+    raise EvalError(f'the model has {classes} outputs but data.num_classes is {num_classes}: '
+                    'check the config and the weights')
+  counts, bad = device_counts(labels, masks, num_classes=num_classes, ignore_index=ignore_index)
+  devices = counters['low'].shape[0]
+  counts = jnp.sum(counts.reshape(devices, -1, 3, num_classes), axis=1)
+  low = counters['low'] + counts
+  high = counters['high'] + (low >> _LOW_BITS)
+  low = low & ((1 << _LOW_BITS) - 1)
+  image_bad = jnp.any(bad, axis=(1, 2))
+  bad_label = jnp.max(jnp.where(bad, masks.astype(jnp.int32), -1), axis=(1, 2))
+  per_device = lambda x: x.reshape(devices, -1)
+  record = counters['bad']
+  record = jnp.stack([
+      record[:, 0] + jnp.sum(per_device(image_bad), axis=1, dtype=jnp.int32),
+      jnp.minimum(record[:, 1], jnp.min(per_device(jnp.where(image_bad, ids, _NO_IMAGE)), axis=1)),
+      jnp.maximum(record[:, 2], jnp.max(per_device(bad_label), axis=1))], axis=1)
+  out = {'low': low, 'high': high, 'bad': record}
+  return jax.lax.with_sharding_constraint(out, sharding)
+
+
+def _evaluated_region(record: Mapping[str, Any], mode: str,
+                      crop_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image [h, w, 3], mask [h, w]) the protocol scores: the whole image, or its centre crop."""
+  image, mask = np.asarray(record['image']), np.asarray(record['mask'])
+  name = record.get('name', '')
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise EvalError(f'image {name!r}: expected [H, W, 3], got shape {image.shape}')
+  if mask.shape != image.shape[:2]:
+    raise EvalError(f'image {name!r}: mask shape {mask.shape} != image shape {image.shape[:2]}')
+  if not np.issubdtype(mask.dtype, np.integer):
+    raise EvalError(f'image {name!r}: mask must hold integer labels, got {mask.dtype}')
+  if image.dtype != np.uint8:
+    image = image.astype(np.float32)
+  if mask.dtype != np.uint8:
+    mask = mask.astype(np.int32)  # JAX moves int64 as int32 anyway; bytes stay bytes
+  if mode == 'center_crop':
+    row, col, h, w = center_crop_box(mask.shape[0], mask.shape[1], crop_size)
+    image, mask = image[row:row + h, col:col + w], mask[row:row + h, col:col + w]
+  return image, mask
+
+
+def _batches_by_shape(items: Iterable[tuple[int, np.ndarray, np.ndarray]], batch_size: int,
+                      max_pending: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+  """Groups (id, image, mask) items into batches of one shape, at most `batch_size` each.
+
+  A batch leaves as soon as it is full; while more than `max_pending` items wait
+  (many shapes, as in Pascal VOC), the oldest shape leaves part-filled; at the
+  end every shape leaves. The order of images changes, the counts (sums) do not.
+  """
+  pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+  waiting = 0
+  for item in items:
+    _, image, mask = item
+    key = (image.shape, image.dtype.str, mask.dtype.str)
+    group = pending.setdefault(key, [])
+    group.append(item)
+    waiting += 1
+    if len(group) == batch_size:
+      waiting -= len(pending.pop(key))
       yield group
-      group = []
-    group.append(record)
-  if group:
+    elif waiting > max_pending:
+      oldest = pending.pop(next(iter(pending)))
+      waiting -= len(oldest)
+      yield oldest
+  for group in pending.values():
     yield group
+
+
+def _host_batch(group: Sequence[tuple[int, np.ndarray, np.ndarray]], batch_size: int,
+                ignore_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images, masks, ids) of one batch; missing slots are zero images with all-ignore masks.
+
+  A filler counts nothing (every pixel ignored), so it never needs masking out;
+  it is zeros, not a copy of a real image, and only fills slots a shape left.
+  """
+  ids, images, masks = zip(*group)
+  if len(group) == batch_size == 1:
+    return images[0][None], masks[0][None], np.asarray(ids, np.int32)  # views, no copy
+  filler = batch_size - len(group)
+  images = list(images) + [np.zeros_like(images[0])] * filler
+  masks = list(masks) + [np.full_like(masks[0], ignore_index)] * filler
+  return np.stack(images), np.stack(masks), np.asarray(list(ids) + [-1] * filler, np.int32)
 
 
 def evaluate_local_counts(predict_fn: PredictFn, dataset: Iterable[Mapping[str, Any]], *,
                           num_classes: int, mode: str, crop_size: int, ignore_index: int = 255,
-                          images_per_batch: int | None = None,
+                          images_per_device: int = 1,
                           devices: Sequence[jax.Device] | None = None,
-                          progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+                          progress: Callable[[int], None] | None = None,
+                          max_in_flight: int = 2) -> tuple[np.ndarray, int]:
   """This process's counts i64 [3, K] (intersection, union, target) and number of images.
 
-  `dataset` yields `{'image': f32 [H, W, 3], 'mask': i32 [H, W], 'name'}` one
-  image at a time (`data.pipeline.make_val_dataset`). `progress(n)` is called
-  with the number of images done after each batch.
+  `dataset` yields `{'image': uint8 [H, W, 3] (or float32 normalised), 'mask':
+  uint8/int [H, W], 'name'}` one image at a time (`data.val_input`). The
+  counts stay on the devices until the end: this reads from them once.
+  `progress(n)` is called with the number of images handed to the devices
+  after each batch; at most `max_in_flight` batches are queued ahead of the
+  devices, which bounds the device memory the queue holds.
   """
   _check_mode(mode, crop_size)
+  if images_per_device < 1:
+    raise EvalError(f'images_per_device must be >= 1, got {images_per_device}')
   mesh = _local_mesh(devices)
+  num_devices = int(mesh.devices.size)
   predict_fn = _to_local(_as_partial(predict_fn), mesh)  # once, not per batch
-  batch_size = images_per_batch or mesh.devices.size
-  counts = np.zeros((3, num_classes), np.int64)
-  num_images = 0
-  for group in _same_shape_batches(dataset, batch_size):
-    images = np.stack([np.asarray(record['image'], np.float32) for record in group])
-    labels = predict_labels(predict_fn, images, mode=mode, crop_size=crop_size,
-                            devices=mesh.devices.tolist())
-    for record, pred in zip(group, labels):
-      mask = np.asarray(record['mask'])
-      if mask.shape != np.shape(record['image'])[:2]:
-        raise EvalError(f'image {record.get("name", "")!r}: mask shape {mask.shape} != image shape '
-                        f'{np.shape(record["image"])[:2]}')
-      if mode == 'center_crop':
-        row, col, h, w = center_crop_box(mask.shape[0], mask.shape[1], crop_size)
-        mask = mask[row:row + h, col:col + w]
-      counts += intersection_union_counts(pred, mask, num_classes, ignore_index,
-                                          name=str(record.get('name', '')))
-    num_images += len(group)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  batch_size = num_devices * images_per_device
+  window = crop_size if mode == 'sliding_window' else None
+  names: list[str] = []
+
+  def items() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    for record in dataset:
+      image, mask = _evaluated_region(record, mode, crop_size)
+      if images_per_device * mask.size >= 1 << _LOW_BITS:
+        raise EvalError(f'image {record.get("name", "")!r}: {images_per_device} x {mask.size} '
+                        'pixels per device and batch is more than the counters take (2**30)')
+      names.append(str(record.get('name', '')))
+      yield len(names) - 1, image, mask
+
+  counters = None
+  in_flight: collections.deque[Any] = collections.deque()
+  done = 0
+  for group in _batches_by_shape(items(), batch_size, _PENDING_BATCHES * batch_size):
+    if counters is None:
+      counters = jax.device_put(_zero_counters(num_devices, num_classes), sharding)
+    images, masks, ids = jax.device_put(_host_batch(group, batch_size, ignore_index), sharding)
+    counters = _evaluate_batch(predict_fn, counters, images, masks, ids, window=window,
+                               num_classes=num_classes, ignore_index=ignore_index,
+                               sharding=sharding)
+    in_flight.append(counters)
+    if len(in_flight) > max_in_flight:  # waits on the device, reads nothing back
+      jax.block_until_ready(in_flight.popleft())
+    done += len(group)
     if progress is not None:
-      progress(num_images)
-  return counts, num_images
+      progress(done)
+  if counters is None:
+    return np.zeros((3, num_classes), np.int64), 0
+  return _read_counters(counters, names, ignore_index), len(names)
+
+
+def _read_counters(counters: Mapping[str, jax.Array], names: Sequence[str],
+                   ignore_index: int) -> np.ndarray:
+  """The devices' counters -> i64 [3, K] summed over devices; EvalError for a bad mask label."""
+  host = jax.device_get(counters)  # the one read of the evaluation
+  bad_images, first_bad, bad_label = (host['bad'][:, 0].sum(), host['bad'][:, 1].min(),
+                                      host['bad'][:, 2].max())
+  num_classes = host['low'].shape[-1]
+  if bad_images:
+    raise EvalError(f'mask of image {names[first_bad]!r} has label {bad_label}, outside '
+                    f'[0, {num_classes}) and not the ignore index {ignore_index} ({bad_images} '
+                    'images like it): check data.num_classes and the label encoding')
+  counts = (host['high'].astype(np.int64) << _LOW_BITS) + host['low'].astype(np.int64)
+  return counts.sum(axis=0)
 
 
 def evaluate(predict_fn: PredictFn, dataset: Iterable[Mapping[str, Any]], *, num_classes: int,
-             mode: str, crop_size: int, ignore_index: int = 255,
-             images_per_batch: int | None = None, devices: Sequence[jax.Device] | None = None,
+             mode: str, crop_size: int, ignore_index: int = 255, images_per_device: int = 1,
+             devices: Sequence[jax.Device] | None = None,
              progress: Callable[[int], None] | None = None) -> EvalResult:
   """Evaluates this process's share of the validation set; counts summed over all processes.
 
   A collective: every process calls it, with its own shard of the images.
-  `images_per_batch` defaults to the number of local devices (one image each).
   """
   counts, num_images = evaluate_local_counts(
       predict_fn, dataset, num_classes=num_classes, mode=mode, crop_size=crop_size,
-      ignore_index=ignore_index, images_per_batch=images_per_batch, devices=devices,
+      ignore_index=ignore_index, images_per_device=images_per_device, devices=devices,
       progress=progress)
   counts, num_images = sum_counts_over_processes(counts, num_images)
   return EvalResult.from_counts(counts, num_images)

@@ -96,44 +96,70 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255)
 
 
 def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 0.7,
-                       min_kept: int = 200000, ignore_index: int = 255) -> jax.Array:
-  """Online hard example mining CE (UniMatch's OhemCrossEntropy2dTensor, its Cityscapes loss).
+                       min_kept: int = 200000, ignore_index: int = 255,
+                       images_per_group: int | None = None) -> jax.Array:
+  """Online hard example mining CE, as the released ProbOhemCrossEntropy2d (the Cityscapes loss).
 
-  If `min_kept` exceeds the number of valid pixels: plain mean CE over the
-  valid pixels. Otherwise, with q = softmax probability of the label class
-  (ignored pixels count as q = 1), the threshold is `thresh`, raised to the
-  `min_kept`-th smallest q over all B*h*w pixels when that value exceeds
-  `thresh`; the loss is the mean CE over valid pixels with q <= threshold, so at
-  least `min_kept` hard pixels train. `min_kept <= 0` keeps the plain `thresh`.
-  Shapes stay static (one sort of the B*h*w probabilities); the threshold and the
-  kept set carry no gradient, so gradient reaches only the kept pixels' CE.
+  Groups: with `images_per_group=g` the B images are cut into B/g consecutive
+  groups of g images (images 0..g-1, g..2g-1, ...), each mined on its own as
+  the release mines one GPU's batch; the loss is the mean of the groups'
+  losses, as DDP averages the GPUs' (every group weighs the same, whatever its
+  number of valid or kept pixels). `None`: one group of all B images.
+
+  One group, N = g*h*w pixels of which n are valid (label != ignore_index):
+  * min_kept > n, or min_kept <= 0: plain mean CE over the valid pixels (the
+    release mines only when 0 < min_kept <= n);
+  * otherwise, with q = softmax probability of the label class (ignored
+    pixels count as q = 1): threshold = `thresh`, raised to the min_kept-th
+    smallest q of the group's N pixels when that value exceeds `thresh`; the
+    loss is the mean CE over the valid pixels with q <= threshold (ties kept),
+    so at least `min_kept` pixels train.
+  A group without valid pixels contributes 0 (PyTorch would give NaN).
+  Shapes stay static (one sort of each group's N probabilities; under a mesh
+  whose shards hold whole groups, each device sorts its own groups); the
+  threshold and the kept set carry no gradient, so gradient reaches only the
+  kept pixels' CE.
 
   Args:
     logits: [B, h, w, C] (any float dtype).
     labels: [B, h, w] int; values in [0, C) or `ignore_index`.
     thresh: probability below which a pixel is "hard".
-    min_kept: minimum number of pixels kept (a static Python int).
+    min_kept: minimum number of pixels kept per group (a static Python int).
     ignore_index: label value of pixels that do not count.
+    images_per_group: g, a positive divisor of B (static), or None for one group.
+
+  Raises:
+    ValueError: `images_per_group` is not a positive divisor of B.
   """
   min_kept = int(min_kept)
+  batch = labels.shape[0]
+  group = batch if images_per_group is None else images_per_group
+  if (isinstance(group, bool) or not isinstance(group, int) or group < 1
+      or batch % group):
+    raise ValueError(f'ohem_cross_entropy: images_per_group={images_per_group!r} must be a '
+                     f'positive divisor of the batch ({batch} images)')
+  num_groups = batch // group
   dtype = _compute_dtype(logits)
   logits = logits.astype(dtype)
-  valid = labels != ignore_index
-  label_one_hot = _one_hot(labels, logits.shape[-1])
-  ce = _pixel_cross_entropy(logits, label_one_hot)
-  plain = _masked_mean(ce, valid)
-  num_pixels = labels.size
-  if min_kept > num_pixels:  # then min_kept > number of valid pixels, whatever the mask
-    return plain
-  probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+  per_group = lambda x: x.reshape(num_groups, -1, *x.shape[3:])  # [G, N, ...]
+  valid = per_group(labels != ignore_index)
+  label_one_hot = per_group(_one_hot(labels, logits.shape[-1]))
+  ce = _pixel_cross_entropy(per_group(logits), label_one_hot)  # [G, N]
+
+  def group_means(mask):
+    total = jnp.sum(jnp.where(mask, ce, 0.0), axis=1)
+    return total / jnp.maximum(jnp.sum(mask, axis=1), 1).astype(dtype)
+
+  plain = group_means(valid)
+  group_pixels = valid.shape[1]
+  if min_kept <= 0 or min_kept > group_pixels:  # static: no group can be mined
+    return jnp.mean(plain)
+  probs = jax.nn.softmax(jax.lax.stop_gradient(per_group(logits)), axis=-1)
   label_prob = jnp.where(valid, jnp.sum(jnp.where(label_one_hot, probs, 0.0), axis=-1), 1.0)
-  threshold = jnp.asarray(thresh, dtype)
-  if min_kept > 0:
-    kth_smallest = jnp.sort(label_prob.reshape(-1))[min_kept - 1]
-    threshold = jnp.where(kth_smallest > threshold, kth_smallest, threshold)
-  kept = valid & (label_prob <= threshold)
-  mined = _masked_mean(ce, kept)
-  return jnp.where(min_kept > jnp.sum(valid), plain, mined)
+  kth_smallest = jnp.sort(label_prob, axis=1)[:, min_kept - 1]  # [G]
+  threshold = jnp.where(kth_smallest > thresh, kth_smallest, jnp.asarray(thresh, dtype))
+  mined = group_means(valid & (label_prob <= threshold[:, None]))
+  return jnp.mean(jnp.where(min_kept > jnp.sum(valid, axis=1), plain, mined))
 
 
 def pseudo_label_loss(student_logits: jax.Array, pseudo_labels: jax.Array, conf: jax.Array,

@@ -184,34 +184,60 @@ def cross_entropy(logits: Any, labels: Any, ignore_index: int = 255, *,
   return total / count if count else o.scalar(0.0, logits)
 
 
-def ohem_cross_entropy(logits: Any, labels: Any, *, thresh: float = 0.7, min_kept: int = 200000,
-                       ignore_index: int = 255, backend: str = 'numpy') -> Any:
-  """OHEM CE as UniMatch's OhemCrossEntropy2dTensor computes it (see uccl_jax.losses)."""
-  o = _ops(backend)
-  batch, height, width, num_classes = logits.shape
-  flat_logits = logits.reshape(batch * height * width, num_classes)
-  flat_labels = labels.reshape(batch * height * width)
-  valid = flat_labels != ignore_index
-  num_valid = int(valid.sum())
-  if min_kept > num_valid:
-    return cross_entropy(logits, labels, ignore_index, backend=backend)
-  # q: the label class's probability; ignored pixels count as 1.
-  probs = _softmax(o, o.detach(flat_logits))
-  q = []
-  for p in range(flat_labels.shape[0]):
-    q.append(float(probs[p, int(flat_labels[p])]) if bool(valid[p]) else 1.0)
-  q = np.asarray(q)
-  threshold = thresh
-  if min_kept > 0:
-    kth_smallest = np.sort(q)[min_kept - 1]
-    if kth_smallest > thresh:
-      threshold = kth_smallest
-  kept = np.logical_and(np.asarray(valid), q <= threshold)
+def _ohem_one_group(o: Any, logits: Any, labels: Any, thresh: float, min_kept: int,
+                    ignore_index: int) -> Any:
+  """One GPU's OHEM as the released ProbOhemCrossEntropy2d does it, on [n, C] logits, [n] labels.
+
+  Mines only when 0 < min_kept <= number of valid pixels: q = probability of
+  the label class (1 for ignored pixels); the threshold is `thresh`, or the q
+  found at position min_kept - 1 of the ascending order when that is larger;
+  the kept pixels are the valid ones with q <= threshold. The loss is the mean
+  CE over the kept pixels (over all valid pixels when not mining; 0 when
+  there are none, where PyTorch gives NaN).
+  """
+  valid = labels != ignore_index
+  kept = valid
+  if 0 < min_kept <= int(valid.sum()):
+    probs = _softmax(o, o.detach(logits))
+    q = np.ones(labels.shape[0])
+    for p in range(labels.shape[0]):
+      if bool(valid[p]):
+        q[p] = float(probs[p, int(labels[p])])
+    order = np.argsort(q, kind='stable')
+    threshold = thresh
+    if q[order[min(len(order), min_kept) - 1]] > thresh:
+      threshold = q[order[min(len(order), min_kept) - 1]]
+    kept = np.logical_and(np.asarray(valid), q <= threshold)
   if not kept.any():
     return o.scalar(0.0, logits)
-  kept = o.from_numpy_mask(kept)
-  ce = _pixel_cross_entropy(o, flat_logits[kept], flat_labels[kept])
+  kept = o.from_numpy_mask(np.asarray(kept))
+  ce = _pixel_cross_entropy(o, logits[kept], labels[kept])
   return o.sum(ce) / int(kept.sum())
+
+
+def ohem_cross_entropy(logits: Any, labels: Any, *, thresh: float = 0.7, min_kept: int = 200000,
+                       ignore_index: int = 255, images_per_group: int | None = None,
+                       backend: str = 'numpy') -> Any:
+  """OHEM CE mined group by group (see uccl_jax.losses): the mean of the groups' losses.
+
+  A group is `images_per_group` consecutive images (all images when None), the
+  batch of one GPU in the release; DDP's average over the GPUs is the mean here.
+  """
+  o = _ops(backend)
+  batch, height, width, num_classes = logits.shape
+  group = batch if images_per_group is None else images_per_group
+  if group < 1 or batch % group:
+    raise ValueError(f'images_per_group={images_per_group} does not divide {batch} images')
+  group_losses = []
+  for start in range(0, batch, group):
+    group_losses.append(_ohem_one_group(
+        o, logits[start:start + group].reshape(group * height * width, num_classes),
+        labels[start:start + group].reshape(group * height * width), thresh, min_kept,
+        ignore_index))
+  total = group_losses[0]
+  for loss in group_losses[1:]:
+    total = total + loss
+  return total / len(group_losses)
 
 
 def pseudo_label_loss(student_logits: Any, pseudo_labels: Any, conf: Any, ignore: Any, *,

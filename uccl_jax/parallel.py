@@ -16,9 +16,11 @@ per process) and turns its NumPy batch into slices of global arrays with
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +35,10 @@ _SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PRO
 
 class BatchSizeError(ValueError):
   """A batch size that cannot be split evenly over the processes or devices."""
+
+
+class MeshShapeError(ValueError):
+  """parallel.mesh_shape / mesh_axes that do not describe the run's devices."""
 
 
 class DistributedSetupError(ValueError):
@@ -124,14 +130,44 @@ def initialize_distributed(coordinator_address: str | None = None,
   return True
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, shape: Sequence[int] = (-1,),
+              axes: Sequence[str] = (DATA_AXIS,)) -> Mesh:
+  """A mesh over `devices` (default: all devices of all processes) with `shape` and `axes`.
+
+  One -1 in `shape` takes the remaining devices. The batch is split over the
+  'data' axis, which must be present; other axes hold replicas (the step
+  shards nothing else today). The default is a 1-D 'data' mesh.
+  """
   if devices is None:
     devices = jax.devices()
   devices = list(devices)
   if not devices:
     raise ValueError('make_mesh needs at least one device')
-  return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
+  shape, axes = tuple(int(n) for n in shape), tuple(str(a) for a in axes)
+  if len(shape) != len(axes) or DATA_AXIS not in axes or len(set(axes)) != len(axes):
+    raise MeshShapeError(f'parallel.mesh_shape={shape} and parallel.mesh_axes={axes} must have one '
+                         f"entry each, distinct names, one of them '{DATA_AXIS}'")
+  if shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
+    raise MeshShapeError(f'parallel.mesh_shape={shape}: positive sizes and at most one -1')
+  known = math.prod(n for n in shape if n != -1)
+  if len(devices) % known:
+    raise MeshShapeError(f'parallel.mesh_shape={shape} does not divide the {len(devices)} devices')
+  shape = tuple(len(devices) // known if n == -1 else n for n in shape)
+  if math.prod(shape) != len(devices):
+    raise MeshShapeError(f'parallel.mesh_shape={shape} holds {math.prod(shape)} devices, the run '
+                         f'has {len(devices)}')
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), axes)
+
+
+def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `config.parallel` (mesh_shape, mesh_axes) over all devices."""
+  return make_mesh(devices, shape=tuple(config.parallel.mesh_shape),
+                   axes=tuple(config.parallel.mesh_axes))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways the batch is split: the size of the mesh's 'data' axis."""
+  return int(mesh.shape[DATA_AXIS])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -153,7 +189,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, grad_accum: int = 1,
   """
   if process_count is None:
     process_count = jax.process_count()
-  num_devices = mesh.size
+  num_devices = data_parallel_size(mesh)
   if batch_size < 1:
     raise BatchSizeError(f'train.batch_size={batch_size} must be positive')
   if grad_accum < 1:
@@ -195,10 +231,11 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   if len(local_rows) != 1:
     raise BatchSizeError(f'batch entries disagree on the batch size: {sorted(local_rows)}')
   global_rows = local_rows.pop() * jax.process_count()
-  if global_rows % mesh.size:
+  ways = data_parallel_size(mesh)
+  if global_rows % ways:
     raise BatchSizeError(
         f'train.batch_size={global_rows} (global) must be divisible by the number of devices '
-        f'({mesh.size}); use a multiple of {mesh.size}')
+        f'({ways}); use a multiple of {ways}')
 
   def to_global(x):
     x = np.asarray(x)
@@ -206,3 +243,30 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                                                   (global_rows,) + x.shape[1:])
 
   return jax.tree.map(to_global, local_batch)
+
+
+def prefetch_to_device(host_batches: Iterator[Any], mesh: Mesh, *,
+                       depth: int = 2) -> Iterator[Any]:
+  """Global device batches from this process's host batches, `depth` of them in flight.
+
+  Each `next` hands out the oldest batch already on its way to the devices and
+  starts the transfer of a new one (`global_batch`), so while the device runs
+  step n the host builds and ships step n + 1 (flax's `prefetch_to_device`,
+  for global arrays over a mesh). It ends when `host_batches` does.
+  """
+  if depth < 1:
+    raise ValueError(f'prefetch depth must be >= 1, got {depth}')
+  queue: collections.deque[Any] = collections.deque()
+
+  def fill() -> None:
+    while len(queue) < depth:
+      try:
+        queue.append(global_batch(next(host_batches), mesh))
+      except StopIteration:
+        return
+
+  fill()
+  while queue:
+    batch = queue.popleft()
+    fill()
+    yield batch

@@ -66,18 +66,15 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from uccl_jax import inputs
 from uccl_jax import losses
 from uccl_jax import parallel
 
 METHODS = ('supervised', 'unimatch', 'uccl')
 ANCHORS = ('passes', 'pasted')
 LABELED_LOSSES = ('ce', 'ohem')
-METRIC_NAMES = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr', 'lr',
-                'mask_ratio', 'grad_norm')
-
-# The pipeline's unlabeled ignore masks hold 255 at padding and 0 elsewhere
-# (docs/ARCHITECTURE.md), whatever data.ignore_index says about label masks.
-IGNORED = 255
+LOSS_NAMES = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr')
+METRIC_NAMES = LOSS_NAMES + ('lr', 'mask_ratio', 'grad_norm')
 
 # Pass indices (they name the RNG stream of each training-mode pass).
 PASS_WEAK1, PASS_WEAK2, PASS_LABELED_FP, PASS_STRONG = 1, 2, 3, 4
@@ -239,6 +236,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise StepConfigError(f"sbu.variant={config.sbu.variant!r}: expected 'reference' or 'paper'")
   if int(config.train.grad_accum) < 1:
     raise StepConfigError(f'train.grad_accum={config.train.grad_accum} must be >= 1')
+  if config.train.labeled_loss == 'ohem':
+    _check_ohem_groups(config)
+
+
+def _check_ohem_groups(config: ml_collections.ConfigDict) -> None:
+  """train.ohem_images_per_group must cut every micro-batch into whole groups."""
+  group = config.train.ohem_images_per_group
+  if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+    raise StepConfigError(f'train.ohem_images_per_group={group!r} must be an integer >= 0 (images '
+                          'mined together, as one GPU of the release; 0 = the whole batch)')
+  batch, accum = config.train.batch_size, int(config.train.grad_accum)
+  if group == 0 and accum > 1:
+    raise StepConfigError(f'train.ohem_images_per_group=0 mines the whole batch at once, which '
+                          f'train.grad_accum={accum} micro-batches cannot do; set it to a divisor '
+                          'of train.batch_size / train.grad_accum (2: the release\'s per-GPU batch)')
+  if group > 0 and isinstance(batch, int) and batch > 0 and batch % (group * accum):
+    raise StepConfigError(f'train.ohem_images_per_group={group}: each micro-batch '
+                          f'(train.batch_size={batch} / train.grad_accum={accum}) must hold whole '
+                          'groups; use a divisor of it')
+
+
+def ohem_images_per_group(config: ml_collections.ConfigDict) -> int | None:
+  """OHEM's group size as `losses.ohem_cross_entropy` takes it (None: the whole batch).
+
+  Groups are consecutive rows of the global labeled batch, so with B/D = g
+  rows per device each device's shard is one group: the release's one GPU's
+  batch (4 GPUs x 2 images on Cityscapes). The micro-batches of grad_accum
+  keep groups whole (`_split_micro_batches`), so the loss, the mean of all
+  groups' losses, is the same on any device count and any grad_accum.
+  """
+  group = int(config.train.ohem_images_per_group)
+  return group if group > 0 else None
 
 
 
@@ -262,8 +291,8 @@ def nearest_align_corners(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def _paste(box: jax.Array, inside: jax.Array, outside: jax.Array) -> jax.Array:
-  """CutMix: `inside` where box == 1, `outside` elsewhere (box [B,H,W], arrays [B,H,W,...])."""
-  sel = box == 1
+  """CutMix: `inside` where the box map is set, `outside` elsewhere (box [B,H,W] bool or 0/1)."""
+  sel = box.astype(jnp.bool_)
   sel = sel.reshape(sel.shape + (1,) * (outside.ndim - sel.ndim))
   return jnp.where(sel, inside, outside)
 
@@ -296,7 +325,9 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
                                 batch: dict[str, Any], step: jax.Array, rng: jax.Array,
                                 micro_index: int | jax.Array, *, model: nn.Module,
                                 config: ml_collections.ConfigDict):
-  """Loss, gradient, new BN statistics and metrics of one (micro-)batch."""
+  """Loss, gradient, new BN statistics and metrics of one (micro-)batch (the host layout of
+  `uccl_jax.inputs`, expanded here on the device)."""
+  batch = inputs.expand(batch)
   method = config.method
   ignore_index = int(config.data.ignore_index)
   conf_thresh = float(config.unsup.conf_thresh)
@@ -312,7 +343,8 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
     if config.train.labeled_loss == 'ohem':
       return losses.ohem_cross_entropy(_f32(logits), mask, thresh=float(config.train.ohem_thresh),
                                        min_kept=int(config.train.ohem_min_kept),
-                                       ignore_index=ignore_index)
+                                       ignore_index=ignore_index,
+                                       images_per_group=ohem_images_per_group(config))
     return losses.cross_entropy(_f32(logits), mask, ignore_index=ignore_index)
 
   zero = jnp.zeros((), jnp.float32)
@@ -338,8 +370,7 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
   conf_mix, label_mix = _confidence_and_label(jax.lax.stop_gradient(teacher['logits']))
 
   # 2. CutMix.
-  ignore_u = unlabeled['ignore'] == IGNORED
-  ignore_mix = mix['ignore'] == IGNORED
+  ignore_u, ignore_mix = unlabeled['ignore'], mix['ignore']
   ignore1 = _paste(box1, ignore_mix, ignore_u)
   ignore2 = _paste(box2, ignore_mix, ignore_u)
   strong1 = _paste(box1, mix['strong1'], unlabeled['strong1'])
@@ -432,20 +463,25 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
   return grads, new_stats, metrics
 
 
-def _split_micro_batches(batch: Any, k: int, mesh: Mesh | None) -> Any:
+def _split_micro_batches(batch: Any, k: int, mesh: Mesh | None, labeled_block: int = 1) -> Any:
   """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, j+2k, ...
 
   Strided rather than contiguous, so that with the batch sharded on its
   leading axis every device holds an equal share of every micro-batch and no
-  data moves between devices.
+  data moves between devices. The labeled rows are dealt in blocks of
+  `labeled_block` consecutive rows (micro-batch j = blocks j, j+k, ...), so
+  that OHEM's groups stay whole; a block of 1 is the row-strided split.
   """
-  def split(x):
-    micro = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+  def split(x, block=1):
+    blocks = x.reshape((x.shape[0] // (k * block), k, block) + x.shape[1:]).swapaxes(0, 1)
+    micro = blocks.reshape((k, x.shape[0] // k) + x.shape[1:])
     if mesh is not None:
       micro = jax.lax.with_sharding_constraint(
           micro, NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS)))
     return micro
-  return jax.tree.map(split, batch)
+  return {name: jax.tree.map(functools.partial(split, block=labeled_block if name == 'labeled'
+                                               else 1), stream)
+          for name, stream in batch.items()}
 
 
 def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
@@ -460,7 +496,9 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
   the micro-batches); the teacher uses the statistics from the start of the
   step for all micro-batches. The loss normalisers (valid pixels) are per
   micro-batch. So grad_accum=k on one device follows, but does not exactly
-  equal, the k-device recipe.
+  equal, the k-device recipe. OHEM adds no difference of its own: its groups
+  (train.ohem_images_per_group) stay whole in the micro-batches, so given the
+  logits its loss is the same on any device count and grad_accum.
 
   Metrics are float32 scalars (averaged over micro-batches): loss, loss_x,
   loss_s ((L_s1 + L_s2) / 2), loss_fp, loss_sbu and loss_ckr (unweighted
@@ -476,7 +514,9 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
     grads, new_stats, metrics = micro_fn(state.params, state.batch_stats, state.batch_stats,
                                          batch, state.step, state.rng, 0)
   else:
-    micro_batches = _split_micro_batches(batch, k, mesh)
+    ohem_group = (ohem_images_per_group(config) or 1
+                  if config.train.labeled_loss == 'ohem' else 1)
+    micro_batches = _split_micro_batches(batch, k, mesh, labeled_block=ohem_group)
 
     def body(carry, xs):
       stats, grad_sum, metric_sum = carry
@@ -488,9 +528,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
       return (stats, grad_sum, metric_sum), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_metrics = {n: jnp.zeros((), jnp.float32)
-                    for n in ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr',
-                              'mask_ratio')}
+    zero_metrics = {n: jnp.zeros((), jnp.float32) for n in LOSS_NAMES + ('mask_ratio',)}
     (new_stats, grad_sum, metric_sum), _ = jax.lax.scan(
         body, (state.batch_stats, zeros, zero_metrics), (micro_batches, jnp.arange(k)))
     grads = jax.tree.map(lambda g: g / k, grad_sum)

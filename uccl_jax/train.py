@@ -8,13 +8,26 @@ What a run does, in order:
    initialises the model and, with `model.pretrained`, loads the ImageNet
    backbone strictly through `uccl_jax.convert`.
 3. Runs the jitted step (state donated) on global batches built from each
-   process's pipeline batches, logs every `train.log_every_steps`, saves every
-   `checkpoint.every_steps`, at each epoch end and at the end, evaluates every
-   `eval.every_epochs` epochs and at the end (the mIoU is attached to the
-   checkpoint of that step, so 'best' can be restored later).
-4. SIGTERM (preemption): finishes the current step, saves, exits cleanly.
-   A NaN or Inf loss: stops with RunError naming the step and the loss terms;
-   no checkpoint is written after it, so the last good one stays.
+   process's pipeline batches and prefetched to the devices two deep, logs
+   every `train.log_every_steps`, saves every `checkpoint.every_steps`, at each
+   epoch end and at the end, evaluates every `eval.every_epochs` epochs and at
+   the end (the mIoU is attached to the checkpoint of that step, so 'best' can
+   be restored later).
+4. SIGTERM (preemption): finishes the current step, saves, exits cleanly. One
+   process notices at once; several processes agree at the next logging,
+   saving or evaluation step (at most `train.log_every_steps` steps later,
+   with no collective in between).
+   A NaN or Inf loss: stops with RunError naming the first such step and its
+   loss terms. It is noticed at the next logging step or before the next
+   checkpoint or evaluation, whichever comes first (at most
+   `train.log_every_steps` steps late); nothing is saved after it, so the
+   last good checkpoint stays.
+
+The host never waits for the device between those steps (DESIGN.md, "Feeding
+accelerators"): metrics stay on the device and are read at logging steps, the
+finite-loss check runs on the device, and the per-step part of the loop runs
+under `jax.transfer_guard_device_to_host(STEP_TRANSFER_GUARD)`, so an implicit
+device-to-host copy there is an error rather than a silent stall.
 
 Resuming is exact: the step, the RNG key (folded with the step inside the
 step function), and the data-iterator position are all in the checkpoint, so
@@ -35,6 +48,7 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 import ml_collections
+import jax.numpy as jnp
 import numpy as np
 
 from uccl_jax import checkpoint as checkpoint_lib
@@ -47,6 +61,9 @@ from uccl_jax.data import pipeline
 from uccl_jax.models import deeplab
 
 CHECKPOINT_DIR = 'checkpoints'
+# The device-to-host transfer guard of the per-step part of the loop: implicit copies (float(x),
+# np.asarray(x) of a device array) raise. Tests tighten it to 'disallow_explicit'.
+STEP_TRANSFER_GUARD = 'disallow'
 
 
 class RunError(Exception):
@@ -103,17 +120,28 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                    '(<= 0: evaluate at the end only)')
   if config.eval.mode not in evaluate_lib.MODES:
     raise RunError(f'eval.mode={config.eval.mode!r}: expected one of {", ".join(evaluate_lib.MODES)}')
+  if config.data.mix_images not in pipeline.MIX_IMAGES:
+    raise RunError(f'data.mix_images={config.data.mix_images!r}: expected one of '
+                   f'{", ".join(pipeline.MIX_IMAGES)}')
   try:
     step_lib.check_config(config)
   except step_lib.StepConfigError as e:
     raise RunError(str(e)) from None
 
 
-def make_plan(config: ml_collections.ConfigDict, workdir: str | None) -> RunPlan:
-  """Steps per epoch from the data lists (reads them: DataError for a missing root or list)."""
-  with_unlabeled = config.method != 'supervised'
+def open_train_sources(config: ml_collections.ConfigDict,
+                       workdir: str | None) -> pipeline.TrainSources:
+  """The run's train lists, opened once (DataError for a missing root or list)."""
+  return pipeline.load_train_sources(config, workdir=workdir,
+                                     with_unlabeled=config.method != 'supervised')
+
+
+def make_plan(config: ml_collections.ConfigDict,
+              train_sources: pipeline.TrainSources) -> RunPlan:
+  """Steps per epoch from the opened data lists, and where this invocation stops."""
+  with_unlabeled = train_sources.unlabeled is not None
   try:
-    per_epoch = pipeline.steps_per_epoch(config, with_unlabeled=with_unlabeled, workdir=workdir)
+    per_epoch = train_sources.steps_per_epoch(int(config.train.batch_size))
   except pipeline.PipelineError as e:
     raise RunError(str(e)) from None
   schedule_steps = per_epoch * int(config.train.epochs)
@@ -131,8 +159,16 @@ def build_model(config: ml_collections.ConfigDict) -> deeplab.DeepLabV3Plus:
     raise RunError(str(e)) from None
 
 
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of `config.parallel`; a shape that does not fit the devices is a RunError."""
+  try:
+    return parallel.mesh_from_config(config)
+  except parallel.MeshShapeError as e:
+    raise RunError(str(e)) from None
+
+
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  mesh = parallel.make_mesh()
+  mesh = make_mesh(config)
   parallel.check_batch_size(int(config.train.batch_size), mesh,
                             grad_accum=int(config.train.grad_accum))
   return mesh
@@ -160,6 +196,53 @@ def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x)), tree)
 
 
+def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
+  """model.pretrained, or None for random weights on purpose ('' or 'none')."""
+  value = str(config.model.pretrained).strip()
+  return None if value.lower() in ('', 'none') else value
+
+
+def check_pretrained(config: ml_collections.ConfigDict) -> None:
+  """A fresh run's backbone must exist: one line naming the field, the path and the remedies."""
+  path = pretrained_path(config)
+  if path is not None and not os.path.exists(path):
+    raise RunError(
+        f'model.pretrained={path!r}: no such file or folder ({os.path.abspath(path)}); the recipe '
+        "starts from UniMatch's ImageNet ResNet-50: download resnet50.pth from the link in "
+        "UniMatch's README (github.com/LiheYoung/UniMatch, 'Pretrained Backbone') into "
+        'pretrained/ (or turn it into a folder with `python -m uccl_jax.convert '
+        'pretrained/resnet50.pth --out=DIR` and point model.pretrained there), or train from '
+        'scratch on purpose with --config.model.pretrained=none')
+
+
+def _sha256(path: str) -> str:
+  """SHA-256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  if os.path.isdir(path):
+    files = sorted(os.path.relpath(os.path.join(root, name), path)
+                   for root, _, names in os.walk(path) for name in names)
+  else:
+    files = ['']
+  for name in files:
+    if name:
+      digest.update(name.encode() + b'\0')
+    with open(os.path.join(path, name) if name else path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def describe_backbone(config: ml_collections.ConfigDict) -> str:
+  """The run's first line about its weights: the backbone loaded, or random init on purpose."""
+  path = pretrained_path(config)
+  if path is None:
+    return (f'backbone: random initialisation, on purpose (model.pretrained='
+            f'{config.model.pretrained!r})')
+  return (f'backbone: {path} (sha256 {_sha256(path)[:12]}), strict load passed: every key and '
+          'shape matched')
+
+
 def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3Plus,
                     state: step_lib.TrainState, mesh: jax.sharding.Mesh) -> step_lib.TrainState:
   """Puts the weights of `model.pretrained` (.pth or converted folder) into a fresh state, strictly.
@@ -170,7 +253,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
   strict=False would silently train from random weights).
   """
   from uccl_jax import convert  # pylint: disable=g-import-not-at-top  (imports torch lazily)
-  path = config.model.pretrained
+  path = pretrained_path(config)
   try:
     loaded = convert.load_pretrained_variables(path, model)
     host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
@@ -193,7 +276,12 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries (all processes agree on the step)."""
+  """Turns SIGTERM into a flag checked at step boundaries (all processes agree on the step).
+
+  One process reads its flag every step (no cost). Several processes must stop
+  at the same step, which takes a collective: they agree only at sync points
+  the loop already has (logging, saving, evaluating), so no step pays for it.
+  """
 
   def __init__(self):
     self.requested = False
@@ -213,12 +301,19 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def any_process(self) -> bool:
-    """True when any process got SIGTERM; a collective, every process calls it each step."""
+  def agreed(self, at_sync_point: bool) -> bool:
+    """True when this run stops here: any process got SIGTERM and, with several, this is a sync point.
+
+    With several processes a collective; every process calls it at the same
+    steps with the same `at_sync_point`.
+    """
     if jax.process_count() == 1:
       return self.requested
+    if not at_sync_point:
+      return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    with jax.transfer_guard_device_to_host('allow'):
+      flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 
 
@@ -226,15 +321,43 @@ class _Preemption:
 # The loop.
 
 
-def _check_finite(step: int, metrics: Mapping[str, float]) -> None:
-  order = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr')
-  loss_names = [name for name in order if name in metrics]
-  loss_names += sorted(n for n in metrics if n.startswith('loss') and n not in order)
-  if all(math.isfinite(metrics[name]) for name in loss_names):
-    return
-  terms = ', '.join(f'{name}={metrics[name]:.6g}' for name in loss_names)
-  raise RunError(f'non-finite loss at step {step}: {terms}; stopped without saving, the last '
-                 'good checkpoint is kept')
+@jax.jit
+def _watch_losses(record: dict[str, Any], losses: dict[str, jax.Array]) -> dict[str, Any]:
+  """One step of the device-side finite-loss watch: counts steps, keeps the first bad step's losses."""
+  step = record['step'] + 1
+  finite = jnp.all(jnp.stack([jnp.isfinite(value) for value in losses.values()]))
+  first_bad = record['ok'] & jnp.logical_not(finite)
+  return {'step': step, 'ok': record['ok'] & finite,
+          'bad_step': jnp.where(first_bad, step, record['bad_step']),
+          'bad_losses': {name: jnp.where(first_bad, losses[name], record['bad_losses'][name])
+                         for name in losses}}
+
+
+class FiniteWatch:
+  """Whether every loss since the start was finite, kept on the device (no per-step host read).
+
+  `update(metrics)` after each step only dispatches a tiny program; `check()`
+  reads the record (a device-to-host copy: the loop calls it at logging,
+  saving and evaluation steps) and raises RunError naming the first step whose
+  loss terms were not all finite.
+  """
+
+  def __init__(self, start_step: int, mesh: jax.sharding.Mesh):
+    self._loss_names = step_lib.LOSS_NAMES
+    self._record = _replicate({'step': np.int32(start_step), 'ok': np.bool_(True),
+                               'bad_step': np.int32(-1),
+                               'bad_losses': {n: np.float32(0) for n in self._loss_names}}, mesh)
+
+  def update(self, metrics: Mapping[str, jax.Array]) -> None:
+    self._record = _watch_losses(self._record, {n: metrics[n] for n in self._loss_names})
+
+  def check(self) -> None:
+    record = jax.device_get(self._record)
+    if bool(record['ok']):
+      return
+    terms = ', '.join(f'{name}={float(record["bad_losses"][name]):.6g}' for name in self._loss_names)
+    raise RunError(f'non-finite loss at step {int(record["bad_step"])}: {terms}; stopped without '
+                   'saving, the last good checkpoint is kept')
 
 
 def _class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -251,7 +374,8 @@ def _class_names(config: ml_collections.ConfigDict) -> list[str]:
 def run_evaluation(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3Plus,
                    state: step_lib.TrainState) -> evaluate_lib.EvalResult:
   """Evaluates `state` on this process's share of the val list; counts summed over processes."""
-  dataset = pipeline.make_val_dataset(config)
+  from uccl_jax.data import val_input  # pylint: disable=g-import-not-at-top
+  dataset = val_input.make_val_iterator(config)  # uint8, decoded ahead in threads
   try:
     return evaluate_lib.evaluate_model(
         model, {'params': state.params, 'batch_stats': state.batch_stats}, dataset, config)
@@ -273,23 +397,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: _Preemption) -> TrainResult:
   check_config(config)
   workdir = os.path.abspath(workdir)
-  plan = make_plan(config, workdir)
-  mesh = _make_mesh(config)
-  model = build_model(config)
-  create_state = _state_factory(config, model, mesh, plan.schedule_steps)
   checkpoints_dir = os.path.join(workdir, CHECKPOINT_DIR)
-
   # Resume order: this run's newest checkpoint, else a fresh (optionally pretrained) state.
-  # Reading happens before the manager that may write is created.
+  # Reading happens before the manager that may write is created; a fresh run's missing
+  # backbone stops here, before anything (split lists included) is written.
   latest = None
   if os.path.isdir(checkpoints_dir):
     latest = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True).latest_step()
-  if latest is None and config.model.pretrained and not os.path.exists(config.model.pretrained):
-    raise RunError(f'model.pretrained: {config.model.pretrained}: no such file or folder')
+  if latest is None:
+    check_pretrained(config)
+  train_sources = open_train_sources(config, workdir)
+  plan = make_plan(config, train_sources)
+  mesh = _make_mesh(config)
+  model = build_model(config)
+  create_state = _state_factory(config, model, mesh, plan.schedule_steps)
   train_step = step_lib.make_train_step(model, config, mesh)
 
   iterator = pipeline.make_train_iterator(config, workdir=workdir,
-                                          with_unlabeled=plan.with_unlabeled)
+                                          with_unlabeled=plan.with_unlabeled,
+                                          train_sources=train_sources)
+  logging.info('Input: %d grain worker processes (data.workers=%d; %d CPUs available to this '
+               'process)', iterator.workers, config.data.workers, pipeline.available_cpus())
   checkpoints = checkpoint_lib.RunCheckpoints(checkpoints_dir, keep=int(config.checkpoint.keep))
   try:
     if latest is not None:
@@ -299,12 +427,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('Resumed from %s at step %d', os.path.join(checkpoints_dir, str(latest)), latest)
     else:
       state = create_state(jax.random.PRNGKey(int(config.train.seed)))
-      if config.model.pretrained:
+      if pretrained_path(config) is not None:
         state = load_pretrained(config, model, state, mesh)
     start_step = int(jax.device_get(state.step))
     with reporting.RunReporter(workdir, total_steps=plan.last_step, start_step=start_step) as reporter:
       reporter.write_config(config)
       if start_step == 0:
+        reporter.message(describe_backbone(config))
         num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
         reporter.message(
             f'{config.method}: {num_params / 1e6:.2f}M parameters, {plan.steps_per_epoch} steps per '
@@ -327,8 +456,9 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
              preemption: _Preemption) -> TrainResult:
   """Steps from `start_step` to `plan.last_step`: logs, saves, evaluates (see the module doc).
 
-  `iterator` yields this process's batches and has get_state(); `train_step`
-  maps (state, global batch) -> (state, metrics).
+  `iterator` yields this process's host batches, starting at `start_step` (its
+  state is {'step': n}, what the checkpoints store); `train_step` maps (state,
+  global batch) -> (state, metrics).
   """
   log_every = int(config.train.log_every_steps)
   save_every = int(config.checkpoint.every_steps)
@@ -339,50 +469,63 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
                      f'step {plan.last_step} (raise train.max_steps or train.epochs to continue)')
     return TrainResult(start_step, checkpoints.miou(start_step))
 
+  device_batches = parallel.prefetch_to_device(iterator, mesh, depth=2)
+  watch = FiniteWatch(start_step, mesh)
   window_start, window_steps = time.perf_counter(), 0
   step = start_step
-  while step < plan.last_step:
-    batch = parallel.global_batch(next(iterator), mesh)
-    state, metrics = train_step(state, batch)
-    step += 1
-    window_steps += 1
-    host_metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
-    _check_finite(step, host_metrics)
-    if step == start_step + 1:
-      # The first step compiles the program: keep it out of step_time.
-      reporter.message(f'step {step}: compiled and ran the first step in '
-                       f'{time.perf_counter() - window_start:.1f} s')
-      window_start, window_steps = time.perf_counter(), 0
-    reporter.advance(step)
+  with jax.transfer_guard_device_to_host(STEP_TRANSFER_GUARD):
+    while step < plan.last_step:
+      state, metrics = train_step(state, next(device_batches))
+      watch.update(metrics)
+      step += 1
+      window_steps += 1
+      if step == start_step + 1:
+        # The first step compiles the program: keep it out of step_time.
+        jax.block_until_ready(metrics)
+        reporter.message(f'step {step}: compiled and ran the first step in '
+                         f'{time.perf_counter() - window_start:.1f} s')
+        window_start, window_steps = time.perf_counter(), 0
+      reporter.advance(step)
 
-    if step % log_every == 0 or step == plan.last_step:
-      now = time.perf_counter()
-      host_metrics['step_time'] = (now - window_start) / window_steps if window_steps else float('nan')
-      host_metrics['epoch'] = plan.epoch_of(step)
-      reporter.log_train(step, host_metrics)
-      window_start, window_steps = now, 0
-
-    preempted = preemption.any_process()
-    epoch_end = plan.is_epoch_end(step)
-    final = step == plan.last_step
-    evaluate_now = final or (epoch_end and eval_every > 0
-                             and (step // plan.steps_per_epoch) % eval_every == 0)
-    miou = None
-    if evaluate_now and not preempted:
-      result = run_evaluation(config, model, state)
-      miou = last_miou = result.miou
-      names = _class_names(config)
-      reporter.log_eval(step, result.miou, dict(zip(names, result.iou_per_class.tolist())),
-                        table=evaluate_lib.format_iou_table(result, names),
-                        epoch=plan.epoch_of(step), num_images=result.num_images)
-    if preempted or final or epoch_end or evaluate_now or step % save_every == 0:
-      checkpoints.save(step, state, iterator.get_state(), miou=miou)
-      window_start, window_steps = time.perf_counter(), 0
-    if preempted:
-      checkpoints.wait()
-      reporter.message(f'SIGTERM: saved the checkpoint at step {step} and stopped; run the same '
-                       'command again to resume')
-      return TrainResult(step, last_miou, preempted=True)
+      # Everything below happens on the same steps in every process.
+      final = step == plan.last_step
+      log_now = step % log_every == 0 or final
+      epoch_end = plan.is_epoch_end(step)
+      evaluate_now = final or (epoch_end and eval_every > 0
+                               and (step // plan.steps_per_epoch) % eval_every == 0)
+      save_now = final or epoch_end or evaluate_now or step % save_every == 0
+      preempted = preemption.agreed(at_sync_point=log_now or save_now)
+      if not (log_now or save_now or preempted):
+        continue
+      with jax.transfer_guard_device_to_host('allow'):
+        watch.check()  # before anything is logged, evaluated or saved
+        if log_now:
+          host_metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          host_metrics['step_time'] = ((now - window_start) / window_steps if window_steps
+                                       else float('nan'))
+          host_metrics['epoch'] = plan.epoch_of(step)
+          reporter.log_train(step, host_metrics)
+          window_start, window_steps = now, 0
+        miou = None
+        if evaluate_now and not preempted:
+          result = run_evaluation(config, model, state)
+          miou = last_miou = result.miou
+          names = _class_names(config)
+          reporter.log_eval(step, result.miou, dict(zip(names, result.iou_per_class.tolist())),
+                            table=evaluate_lib.format_iou_table(result, names),
+                            epoch=plan.epoch_of(step), num_images=result.num_images)
+        if save_now or preempted:
+          # The data position is the step: step s consumed batches 0 .. s-1 (the prefetched
+          # batches beyond it are rebuilt on resume).
+          checkpoints.save(step, state, {'step': step}, miou=miou)
+        if evaluate_now or save_now:
+          window_start, window_steps = time.perf_counter(), 0
+        if preempted:
+          checkpoints.wait()
+          reporter.message(f'SIGTERM: saved the checkpoint at step {step} and stopped; run the '
+                           'same command again to resume')
+          return TrainResult(step, last_miou, preempted=True)
   checkpoints.wait()
   return TrainResult(step, last_miou)
 
@@ -414,7 +557,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                            'pass --checkpoint=FOLDER)')
   checkpoints = checkpoint_lib.RunCheckpoints(directory, read_only=True)
   step = checkpoints.resolve(fixed_step if fixed_step is not None else which)
-  mesh = parallel.make_mesh()
+  mesh = make_mesh(config)
   model = build_model(config)
   # The schedule length is not part of the saved arrays: any value restores the same state.
   abstract = _abstract_state(config, model, mesh, schedule_steps=1)
@@ -436,7 +579,9 @@ def _evaluate_converted(config: ml_collections.ConfigDict, path: str) -> evaluat
   model = build_model(config)
   try:
     variables, where = convert.load_model_variables(path, model)
-    result = evaluate_lib.evaluate_model(model, variables, pipeline.make_val_dataset(config), config)
+    from uccl_jax.data import val_input  # pylint: disable=g-import-not-at-top
+    result = evaluate_lib.evaluate_model(model, variables, val_input.make_val_iterator(config),
+                                         config)
   except (convert.ConversionError, evaluate_lib.EvalError) as e:
     raise RunError(str(e)) from None
   if jax.process_index() == 0:

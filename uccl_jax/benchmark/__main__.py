@@ -19,6 +19,8 @@ BENCHMARKS = {
     'losses': 'uccl_jax.benchmark.losses',  # SBU + CKR forward+backward vs NumPy loops
     'pipeline': 'uccl_jax.benchmark.pipeline',  # input pipeline throughput
     'ablation': 'uccl_jax.benchmark.ablation',  # Table III rows trained on the demo dataset
+    'eval': 'uccl_jax.benchmark.evaluation',  # evaluation images/s at the Cityscapes setting
+    'gpu_check': 'uccl_jax.benchmark.gpu_check',  # every GPU figure of docs/RESULTS.md, < 8 min
 }
 FAKE_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 SCALING_FAKE_DEVICES = 4

@@ -1,28 +1,39 @@
-"""Input pipeline throughput at the Cityscapes setting (1024x2048 PNGs, 801 crops).
+"""Host cost of the input pipeline per training step, at the Pascal and Cityscapes settings.
 
-`python -m uccl_jax.benchmark pipeline [--source-size 1024x2048] [--crop 801]
-[--workers 2] [--batches 4] [--batch-size 2] [--images 8]`
+`python -m uccl_jax.benchmark pipeline [--settings=pascal,cityscapes] [--steps=4]
+[--step_times=0.1,0.25] [--workers=N] [--json=FILE]`
 
-Two figures, so a user can size `data.workers` against the GPU step time:
-* per worker: unlabeled samples per second of one process (PNG decode + weak
-  view + two strong views + boxes + normalisation), split into decode and views;
-* the whole pipeline (`make_train_iterator` with N workers): batches per second
-  and unlabeled samples per second (each step has 2 unlabeled samples per batch
-  entry: the unlabeled and the mixing stream, plus one labeled sample).
+What an accelerator needs from the host each step (DESIGN.md, "Feeding
+accelerators"), measured on generated images of each dataset's size:
+* bytes per step: the host batch `make_train_iterator` hands to the devices
+  (global batch 8 per stream, one process);
+* host core-seconds per step: process CPU time (all threads) of building the
+  batches with `data.workers=0`, the first batch excluded; the same work
+  spread over grain workers costs the same core-seconds, plus the copies
+  between processes;
+* host cores needed to keep up with a device step of T seconds: core-seconds
+  per step / T (a 4-GPU H100 node runs the Cityscapes UCCL step in roughly
+  0.1 s, the paper's A6000s the Pascal one in 0.26 s);
+* with `--workers=N`: the whole pipeline with N grain workers, batches/s.
 
-The images are generated into a temporary Cityscapes-layout folder: smooth
-scenes with noise, so PNG decoding costs about what real photos cost.
+Pascal: 375x500 JPEG images (VOC's size) -> crop 321. Cityscapes: 1024x2048
+PNGs -> crop 801. The images are smooth scenes with noise, so decoding costs
+about what real photographs cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -31,13 +42,28 @@ from uccl_jax.data import pipeline
 from uccl_jax.data import transforms
 
 
-def _parse_size(text: str) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One dataset's input shape: source image size and format, crop, global batch per stream."""
+  name: str
+  source_size: tuple[int, int]
+  image_format: str
+  crop_size: int
+  batch_size: int = 8
+
+
+SETTINGS = {'pascal': Setting('pascal', (375, 500), 'jpg', 321),
+            'cityscapes': Setting('cityscapes', (1024, 2048), 'png', 801)}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """'HxW' -> (H, W), an argparse type: a bad value is one line naming what was given."""
   try:
     height, width = (int(part) for part in text.lower().split('x'))
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--source-size must look like 1024x2048, not {text!r}') from None
+    raise argparse.ArgumentTypeError(f'image size must look like 1024x2048, not {text!r}') from None
   if height <= 0 or width <= 0:
-    raise argparse.ArgumentTypeError(f'--source-size must be positive, not {text!r}')
+    raise argparse.ArgumentTypeError(f'image size must be positive, not {text!r}')
   return height, width
 
 
@@ -52,18 +78,19 @@ def _scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray,
   return image, mask
 
 
-def write_dataset(root: pathlib.Path, size: tuple[int, int], num_images: int, num_labeled: int) -> list[str]:
+def write_dataset(root: pathlib.Path, size: tuple[int, int], num_images: int, num_labeled: int,
+                  image_format: str = 'png') -> list[str]:
   """Writes a Cityscapes-layout folder and its split files; returns [labeled, unlabeled, val] split paths."""
   rng = np.random.default_rng(0)
   lines = []
   for index in range(num_images):
     stem = f'bench_{index:06d}_000019'
-    image_rel = f'leftImg8bit/train/bench/{stem}_leftImg8bit.png'
+    image_rel = f'leftImg8bit/train/bench/{stem}_leftImg8bit.{image_format}'
     mask_rel = f'gtFine/train/bench/{stem}_gtFine_labelTrainIds.png'
     for rel in (image_rel, mask_rel):
       (root / rel).parent.mkdir(parents=True, exist_ok=True)
     image, mask = _scene(rng, size)
-    Image.fromarray(image).save(root / image_rel)
+    Image.fromarray(image).save(root / image_rel, **({'quality': 90} if image_format == 'jpg' else {}))
     Image.fromarray(mask).save(root / mask_rel)
     lines.append(f'{image_rel} {mask_rel}\n')
   splits = []
@@ -126,34 +153,105 @@ def measure_pipeline(config, num_batches: int) -> dict[str, float]:
           'unlabeled_per_s': batches_per_s * 2 * config.train.batch_size}
 
 
-def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark pipeline', description=__doc__.split('\n')[0])
-  parser.add_argument('--source-size', type=_parse_size, default=(1024, 2048), help='HxW of the generated images')
-  parser.add_argument('--crop', type=int, default=801)
-  parser.add_argument('--workers', type=int, default=2, help='grain worker processes of the full pipeline')
-  parser.add_argument('--batches', type=int, default=4, help='batches timed after the first')
-  parser.add_argument('--batch-size', type=int, default=2, help='global batch per stream')
-  parser.add_argument('--images', type=int, default=8, help='images generated (2 labeled, rest unlabeled)')
-  parser.add_argument('--samples', type=int, default=6, help='unlabeled samples timed in one process')
-  args = parser.parse_args(argv[1:])
-  if args.images < 2 + args.batch_size:
-    parser.error(f'--images must be at least 2 + --batch-size ({2 + args.batch_size})')
-  height, width = args.source_size
+def measure_host_cost(config, num_steps: int) -> dict[str, float]:
+  """Bytes, core-seconds and wall seconds per step of the in-process pipeline (first batch excluded)."""
+  in_process = config.copy_and_resolve_references()
+  in_process.data.workers = 0
+  iterator = pipeline.make_train_iterator(in_process, process_index=0, process_count=1)
+  try:
+    batch = next(iterator)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(num_steps):
+      next(iterator)
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+  finally:
+    iterator.close()
+  return {'bytes_per_step': int(sum(x.nbytes for x in jax.tree.leaves(batch))),
+          'core_s_per_step': cpu / num_steps, 'wall_s_per_step': wall / num_steps}
+
+
+def run_setting(setting: Setting, *, steps: int, workers: int | None,
+                step_times: list[float]) -> dict[str, Any]:
+  """All figures of one setting, on images generated into a temporary folder."""
   with tempfile.TemporaryDirectory(prefix='uccl_pipeline_bench_') as folder:
     root = pathlib.Path(folder)
-    start = time.perf_counter()
-    splits = write_dataset(root, args.source_size, args.images, num_labeled=2)
-    print(f'wrote {args.images} {height}x{width} PNG pairs in {time.perf_counter() - start:.1f} s')
-    config = _config(root, splits, args.crop, args.workers, args.batch_size)
-    one = measure_one_worker(config, args.samples)
-    print(f'one worker, {height}x{width} -> crop {args.crop}: decode {one["decode_s"] * 1e3:.0f} ms + '
-          f'views {one["views_s"] * 1e3:.0f} ms = {one["sample_s"] * 1e3:.0f} ms per unlabeled sample '
-          f'(wall) -> {1 / one["sample_s"]:.2f} unlabeled samples/s per worker; CPU {one["cpu_s"] * 1e3:.0f} ms '
-          f'-> {1 / one["cpu_s"]:.2f}/s per worker on an idle core (medians of {args.samples})')
-    full = measure_pipeline(config, args.batches)
-    print(f'pipeline, {args.workers} workers, batch {args.batch_size} per stream: '
-          f'{full["batches_per_s"]:.2f} batches/s = {full["unlabeled_per_s"]:.2f} unlabeled samples/s '
-          f'(+ {full["batches_per_s"] * args.batch_size:.2f} labeled/s; {args.batches} batches after the first)')
+    # Enough images that no step reads one twice: labeled + unlabeled + mixing per step.
+    count = 3 * setting.batch_size
+    splits = write_dataset(root, setting.source_size, count, num_labeled=setting.batch_size,
+                           image_format=setting.image_format)
+    config = _config(root, splits, setting.crop_size, workers or 0, setting.batch_size)
+    report = {'setting': setting.name, 'source_size': list(setting.source_size),
+              'image_format': setting.image_format, 'crop_size': setting.crop_size,
+              'batch_size': setting.batch_size, 'steps': steps}
+    report.update(measure_host_cost(config, steps))
+    report['cores_needed'] = {f'{t:g}': report['core_s_per_step'] / t for t in step_times}
+    if workers:
+      report['workers'] = workers
+      report['batches_per_s'] = measure_pipeline(config, steps)['batches_per_s']
+  return report
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+  step_times = list(rows[0]['cores_needed']) if rows else []
+  header = (f'{"setting":<11}{"source":>16}{"crop":>6}{"batch":>6}{"MiB/step":>10}'
+            f'{"core-s/step":>13}{"wall s/step":>13}'
+            + ''.join(f'{"cores @" + t + " s":>15}' for t in step_times))
+  lines = [header]
+  for r in rows:
+    source = f'{r["source_size"][0]}x{r["source_size"][1]} {r["image_format"]}'
+    lines.append(f'{r["setting"]:<11}{source:>16}{r["crop_size"]:>6}{r["batch_size"]:>6}'
+                 f'{r["bytes_per_step"] / 2**20:>10.1f}{r["core_s_per_step"]:>13.3f}'
+                 f'{r["wall_s_per_step"]:>13.3f}'
+                 + ''.join(f'{r["cores_needed"][t]:>15.1f}' for t in step_times))
+  for r in rows:
+    if 'batches_per_s' in r:
+      lines.append(f'{r["setting"]}: {r["workers"]} grain workers: {r["batches_per_s"]:.2f} batches/s')
+  lines.append('core-s/step: host CPU time of building one step\'s batches in-process (data.workers=0); '
+               'cores @T s: host cores needed to keep up with a device step of T seconds.')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark pipeline',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--settings', default='pascal,cityscapes',
+                      help=f'comma-separated, from {", ".join(SETTINGS)}')
+  parser.add_argument('--steps', type=int, default=4, help='steps timed after the first')
+  parser.add_argument('--step_times', default='0.1,0.25',
+                      help='device step times (s) to size the host for')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='also time the whole pipeline with this many grain workers')
+  parser.add_argument('--batch_size', type=int, default=8, help='global batch per stream')
+  parser.add_argument('--source_size', type=parse_size, default=None,
+                      help='HxW of the generated images (default: each setting\'s)')
+  parser.add_argument('--crop', type=int, default=None, help='crop size (default: each setting\'s)')
+  parser.add_argument('--json', default='', help='also write the figures to this file')
+  args = parser.parse_args(argv[1:])
+  names = [name.strip() for name in args.settings.split(',') if name.strip()]
+  unknown = [name for name in names if name not in SETTINGS]
+  if unknown or not names:
+    parser.error(f'--settings: unknown {", ".join(unknown) or "(none given)"}; '
+                 f'choose from {", ".join(SETTINGS)}')
+  try:
+    step_times = [float(t) for t in args.step_times.split(',')]
+  except ValueError:
+    parser.error(f'--step_times must be comma-separated seconds, not {args.step_times!r}')
+  if args.steps < 1 or args.batch_size < 1 or any(t <= 0 for t in step_times):
+    parser.error('--steps, --batch_size and --step_times must be positive')
+  rows = []
+  for name in names:
+    setting = dataclasses.replace(SETTINGS[name], batch_size=args.batch_size)
+    if args.source_size:
+      setting = dataclasses.replace(setting, source_size=args.source_size)
+    if args.crop:
+      setting = dataclasses.replace(setting, crop_size=args.crop)
+    print(f'{name}: generating {3 * setting.batch_size} images and timing {args.steps} steps ...',
+          flush=True)
+    rows.append(run_setting(setting, steps=args.steps, workers=args.workers or None,
+                            step_times=step_times))
+  print(format_report(rows))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
   return 0
 
 

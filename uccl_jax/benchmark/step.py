@@ -66,6 +66,8 @@ import numpy as np
 from uccl_jax import cli
 from uccl_jax import parallel
 from uccl_jax import step as step_lib
+from uccl_jax.data import pipeline as data_pipeline
+from uccl_jax.data import transforms
 from uccl_jax.models import deeplab
 
 REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs'
@@ -86,38 +88,37 @@ class BenchmarkError(ValueError):
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, Any]:
-  """A host batch with the pipeline's layout (docs/ARCHITECTURE.md) filled with random values.
+  """A host batch in the pipeline's layout (`uccl_jax.inputs`) filled with random values.
 
-  Images are standard normal (normalised images have that scale), masks random
-  classes with a few ignored pixels, unlabeled ignore masks 255 on a bottom
-  band of padding in half the images, CutMix boxes random rectangles. The
-  values only matter to the extent that every code path is exercised.
+  Images are random bytes, masks random classes with a few ignored pixels,
+  the valid region cut short at the bottom in half the images (padding),
+  strong-view parameters and CutMix boxes drawn by the pipeline's own
+  functions. The values only matter to the extent that every code path is
+  exercised.
   """
   rng = np.random.default_rng(seed)
   batch_size, size = int(config.train.batch_size), int(config.data.crop_size)
   num_classes, ignore_index = int(config.data.num_classes), int(config.data.ignore_index)
 
   def images():
-    return rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
+    return rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
 
-  def boxes():
-    box = np.zeros((batch_size, size, size), np.int32)
-    for b in range(batch_size):
-      h, w = rng.integers(1, size + 1, 2)
-      top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
-      box[b, top:top + h, left:left + w] = 1
-    return box
+  def unlabeled_views(with_boxes: bool):
+    valid = np.tile(np.array([0, 0, size, size], np.int32), (batch_size, 1))
+    valid[::2, 2] = size - max(1, size // 8)
+    views = {'weak': images(), 'valid': valid}
+    for name in ('strong1', 'strong2'):
+      views[name] = np.stack([transforms.draw_strong_params(rng) for _ in range(batch_size)])
+    if with_boxes:
+      for name in ('box1', 'box2'):
+        views[name] = np.stack([transforms.draw_cutmix_box(size, rng, prob=1.0)
+                                for _ in range(batch_size)])
+    return views
 
-  def unlabeled_views():
-    ignore = np.zeros((batch_size, size, size), np.int32)
-    ignore[::2, size - max(1, size // 8):] = step_lib.IGNORED
-    return {'weak': images(), 'strong1': images(), 'strong2': images(), 'ignore': ignore,
-            'box1': boxes(), 'box2': boxes()}
-
-  mask = rng.integers(0, num_classes, (batch_size, size, size)).astype(np.int32)
+  mask = rng.integers(0, num_classes, (batch_size, size, size)).astype(np.uint8)
   mask[rng.random(mask.shape) < 0.02] = ignore_index
   return {'labeled': {'image': images(), 'mask': mask},
-          'unlabeled': unlabeled_views(), 'mix': unlabeled_views()}
+          'unlabeled': unlabeled_views(True), 'mix': unlabeled_views(False)}
 
 
 def random_train_state(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3Plus,
@@ -476,7 +477,8 @@ def measure_pipeline_throughput(config: ml_collections.ConfigDict,
       data_config.data.num_classes = 19
     one = pipeline_benchmark.measure_one_worker(data_config, samples)
     full = pipeline_benchmark.measure_pipeline(data_config, batches)
-  return {'source_size': list(source_size), 'workers': int(config.data.workers),
+  return {'source_size': list(source_size),
+          'workers': data_pipeline.resolve_workers(int(config.data.workers)),
           'batch_size': batch_size, 'crop_size': int(config.data.crop_size),
           'batches_per_s': full['batches_per_s'], 'unlabeled_per_s': full['unlabeled_per_s'],
           'one_worker_sample_s': one['sample_s'], 'one_worker_cpu_s': one['cpu_s']}

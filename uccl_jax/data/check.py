@@ -120,9 +120,9 @@ def preview_grid(config: Any, *, num_samples: int = 3, seed: int = 0, workdir: s
   rows = []
   for sample in range(num_samples):
     labeled_crop = transforms.labeled_view(labeled[sample % len(labeled)], crop, rng,
-                                           vflip_prob=config.data.vflip_prob, normalize=False)
-    views = transforms.unlabeled_views(unlabeled[sample % len(unlabeled)], crop, rng,
-                                       vflip_prob=config.data.vflip_prob, normalize=False)
+                                           vflip_prob=config.data.vflip_prob)
+    views = transforms.render_unlabeled_views(transforms.unlabeled_views(
+        unlabeled[sample % len(unlabeled)], crop, rng, vflip_prob=config.data.vflip_prob))
     colored = class_table.colorize(labeled_crop['mask'].astype(np.uint8))
     overlay = (0.5 * labeled_crop['image'] + 0.5 * colored).astype(np.uint8)
     tiles = [labeled_crop['image'], overlay, views['weak'],

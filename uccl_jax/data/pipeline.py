@@ -8,11 +8,17 @@ repeatable, independent of the worker count, and resumable from a step count:
   a fresh order (a permutation seeded by (train.seed, stream, epoch)); the
   remainder that does not fill a global batch is dropped, as UniMatch's
   `drop_last=True` does; `steps_per_epoch = len(unlabeled) // G`. The *mix*
-  stream is the same with its own permutations (UniMatch's second, independently
-  shuffled loader over the unlabeled list). The *labeled* stream is the labeled
-  list repeated, each pass reshuffled, read continuously, so an epoch holds
-  `steps_per_epoch * G` labeled samples (the labeled list repeated to the
-  length of the unlabeled list) and every labeled image is seen equally often.
+  stream (`data.mix_images`): 'other' (default) visits the unlabeled list with
+  its own permutations, so each image is mixed with an independent one (the
+  intent); 'same' reads, at each position, the record the unlabeled stream
+  reads there, decoded once, with its own augmentation draw: another crop of
+  the same image, which is what UniMatch and the UCCL release do (they zip one
+  DataLoader with itself; its DistributedSampler seeds its shuffle with
+  seed + epoch, so both iterations give the same order). The *labeled*
+  stream is the labeled list repeated, each pass reshuffled, read
+  continuously, so an epoch holds `steps_per_epoch * G` labeled samples (the
+  labeled list repeated to the length of the unlabeled list) and every
+  labeled image is seen equally often.
 * Supervised runs (`with_unlabeled=False`, method 'supervised') yield only
   'labeled' and follow UniMatch's supervised baseline: an epoch is one pass over
   the labeled list, `len(labeled) // G` steps, remainder dropped.
@@ -23,8 +29,18 @@ repeatable, independent of the worker count, and resumable from a step count:
   reads only the records of its own positions.
 * Randomness. The augmentation generator of a sample is seeded by (train.seed,
   stream, position), never by worker or process.
-* Workers. grain's `mp_prefetch` hands whole per-process batches to
-  `data.workers` processes (0 = in the calling process); the order is fixed.
+* Elements. One grain element is one sample slot of one step: the labeled,
+  unlabeled and mixing samples of position q (three decodes, two with
+  data.mix_images='same'; ~0.1 core-s at the Cityscapes setting). grain's
+  `mp_prefetch` spreads the elements over `data.workers` processes and
+  `batch` stacks B of them in the calling process, so N workers share every
+  batch. `data.workers = -1` (the default) takes the CPUs this process may
+  use (`os.sched_getaffinity`) divided by the processes on this host, minus
+  one for the training loop; 0 keeps all input work in the calling process
+  (one background read thread).
+* Layout. Samples are what `uccl_jax.inputs` documents: uint8 images and masks,
+  the strong views as photometric parameters, boxes as four numbers; the device
+  builds the rest inside the step. ~49 MiB per Cityscapes step (global batch 8).
 
 The returned iterator (a grain DatasetIterator) has `get_state()` ->
 {'step': n} and `set_state()`; a restored iterator yields exactly the batches
@@ -36,6 +52,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import math
+import os
+
 from absl import flags
 import grain
 import ml_collections
@@ -46,6 +65,7 @@ from uccl_jax.data import transforms
 STREAM_LABELED = 0
 STREAM_UNLABELED = 1
 STREAM_MIX = 2
+MIX_IMAGES = ('other', 'same')  # data.mix_images
 _AUGMENT_TAG = 7  # separates augmentation seeds from permutation seeds
 
 # Effectively endless: the train loop decides when to stop (epochs / max_steps).
@@ -113,8 +133,14 @@ def per_process_batch(global_batch: int, process_count: int) -> int:
 
 
 @dataclasses.dataclass
-class TrainBatchMaker:
-  """step -> this process's batch dict of that step (runs in grain workers, so it is picklable)."""
+class TrainSampleMaker:
+  """Sample slot -> one sample of each stream; step -> this process's batch (picklable: grain workers).
+
+  `sample(index)`: index = step * B + q is slot q of `step` on this process; it
+  returns {'labeled': ..., 'unlabeled': ..., 'mix': ...} for that slot (only
+  'labeled' in supervised runs). `batch(step)` stacks the B slots of a step,
+  exactly what the iterator yields for it.
+  """
   labeled_source: Any
   unlabeled_source: Any | None
   labeled_order: StreamOrder
@@ -126,28 +152,55 @@ class TrainBatchMaker:
   process_index: int
   seed: int
   vflip_prob: float = 0.0
+  mix_images: str = 'other'  # 'other' | 'same' (module docstring)
 
   def positions(self, step: int) -> range:
     start = step * self.global_batch + self.process_index * self.batch_size
     return range(start, start + self.batch_size)
 
-  def _views(self, source: Any, order: StreamOrder, step: int,
-             view_fn: Callable[..., dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    samples = []
-    for position in self.positions(step):
-      record = source[order.record_index(position)]
-      rng = augment_rng(self.seed, order.stream, position)
-      samples.append(view_fn(record, self.crop_size, rng, vflip_prob=self.vflip_prob))
-    return {key: np.stack([sample[key] for sample in samples]) for key in samples[0]}
+  def position(self, index: int) -> int:
+    """The global stream position of this process's sample slot `index`."""
+    step, slot = divmod(int(index), self.batch_size)
+    return step * self.global_batch + self.process_index * self.batch_size + slot
 
-  def __call__(self, step: int) -> dict[str, dict[str, np.ndarray]]:
-    step = int(step)
-    batch = {'labeled': self._views(self.labeled_source, self.labeled_order, step, transforms.labeled_view)}
+  def _view(self, source: Any, order: StreamOrder, position: int,
+            view_fn: Callable[..., dict[str, np.ndarray]], *, stream: int | None = None,
+            record: Any = None) -> dict[str, np.ndarray]:
+    """One view of the record `order` puts at `position` (or of `record`, already decoded),
+    augmented by the generator of (`stream`, default the order's own, `position`)."""
+    if record is None:
+      record = source[order.record_index(position)]
+    rng = augment_rng(self.seed, order.stream if stream is None else stream, position)
+    return view_fn(record, self.crop_size, rng, vflip_prob=self.vflip_prob)
+
+  def sample(self, index: int) -> dict[str, dict[str, np.ndarray]]:
+    position = self.position(index)
+    out = {'labeled': self._view(self.labeled_source, self.labeled_order, position,
+                                 transforms.labeled_view)}
     if self.unlabeled_source is not None:
-      batch['unlabeled'] = self._views(self.unlabeled_source, self.unlabeled_order, step,
-                                       transforms.unlabeled_views)
-      batch['mix'] = self._views(self.unlabeled_source, self.mix_order, step, transforms.unlabeled_views)
-    return batch
+      record = None
+      if self.mix_images == 'same':  # one decode, two independently augmented views
+        record = self.unlabeled_source[self.unlabeled_order.record_index(position)]
+      out['unlabeled'] = self._view(self.unlabeled_source, self.unlabeled_order, position,
+                                    transforms.unlabeled_views, record=record)
+      mix = self._view(self.unlabeled_source, self.mix_order, position, transforms.unlabeled_views,
+                       stream=STREAM_MIX, record=record)
+      # The mixing images' own CutMix boxes are drawn (the random stream stays UniMatch's) but
+      # never read by the step, so they are not sent.
+      out['mix'] = {key: value for key, value in mix.items() if key not in ('box1', 'box2')}
+    return out
+
+  def batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+    step = int(step)
+    return stack_samples([self.sample(step * self.batch_size + q) for q in range(self.batch_size)])
+
+
+def stack_samples(samples: Sequence[Any]) -> Any:
+  """Stacks a list of equal-structure sample dicts into one batch dict (grain's batch function)."""
+  first = samples[0]
+  if isinstance(first, dict):
+    return {key: stack_samples([sample[key] for sample in samples]) for key in first}
+  return np.stack(samples)
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -164,14 +217,16 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 def make_batch_maker(labeled_source: Sequence[Mapping[str, Any]],
                      unlabeled_source: Sequence[Mapping[str, Any]] | None, *, crop_size: int,
                      global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
-                     vflip_prob: float = 0.0) -> TrainBatchMaker:
-  """The function step -> this process's train batch, for sources given directly.
+                     vflip_prob: float = 0.0, mix_images: str = 'other') -> TrainSampleMaker:
+  """The maker of this process's train samples and batches, for sources given directly.
 
   `unlabeled_source=None` gives supervised batches ({'labeled'} only, epochs over
   the labeled list). Sources are random-access sequences of records
   {'image': uint8 [H,W,3], 'mask': uint8 [H,W] (labeled only), ...}.
   """
   batch_size = per_process_batch(global_batch, process_count)
+  if mix_images not in MIX_IMAGES:
+    raise PipelineError(f'data.mix_images={mix_images!r}: expected one of {", ".join(MIX_IMAGES)}')
   if not 0 <= process_index < process_count:
     raise PipelineError(f'process_index={process_index} is outside [0, process_count={process_count})')
   if unlabeled_source is None:
@@ -185,15 +240,9 @@ def make_batch_maker(labeled_source: Sequence[Mapping[str, Any]],
     labeled_order = StreamOrder(len(labeled_source), seed, STREAM_LABELED, 'passes')
     unlabeled_order = StreamOrder(len(unlabeled_source), seed, STREAM_UNLABELED, 'epochs', per_epoch)
     mix_order = StreamOrder(len(unlabeled_source), seed, STREAM_MIX, 'epochs', per_epoch)
-  return TrainBatchMaker(labeled_source, unlabeled_source, labeled_order, unlabeled_order, mix_order,
-                         crop_size, global_batch, batch_size, process_index, seed, vflip_prob)
-
-
-def _to_plain_arrays(tree: Any) -> Any:
-  """Copies grain's shared-memory arrays into ordinary ones, so no /dev/shm segment outlives its batch."""
-  if isinstance(tree, dict):
-    return {key: _to_plain_arrays(value) for key, value in tree.items()}
-  return np.array(tree, copy=True) if type(tree) is not np.ndarray else tree  # pylint: disable=unidiomatic-typecheck
+  return TrainSampleMaker(labeled_source, unlabeled_source, labeled_order, unlabeled_order,
+                          mix_order, crop_size, global_batch, batch_size, process_index, seed,
+                          vflip_prob, mix_images)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -204,26 +253,33 @@ class TrainIterator(grain.DatasetIterator):
   It is a grain DatasetIterator, so grain's / orbax's checkpoint handlers take it.
   """
 
-  def __init__(self, maker: TrainBatchMaker, workers: int, *, start_step: int = 0):
+  def __init__(self, maker: TrainSampleMaker, workers: int, *, start_step: int = 0):
     super().__init__()
     if workers < 0:
-      raise PipelineError(f'data.workers={workers} must be >= 0')
+      raise PipelineError(f'data.workers={workers} must be >= 0 here (-1 is resolved by '
+                          'make_train_iterator)')
     self._maker = maker
     self._workers = workers
     self._step = start_step
     self._batches: grain.DatasetIterator | None = None
 
+  @property
+  def workers(self) -> int:
+    return self._workers
+
   def _ensure_started(self) -> grain.DatasetIterator:
     if self._batches is None:
-      dataset = grain.MapDataset.range(self._step, _ENDLESS_STEPS).map(self._maker)
-      self._batches = to_iterator(dataset, self._workers)
+      batch_size = self._maker.batch_size
+      samples = grain.MapDataset.range(self._step * batch_size, _ENDLESS_STEPS * batch_size)
+      self._batches = to_iterator(samples.map(self._maker.sample), self._workers,
+                                  batch_size=batch_size)
     return self._batches
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     self._assert_not_closed()
     batch = next(self._ensure_started())
     self._step += 1
-    return _to_plain_arrays(batch)
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {'step': self._step}
@@ -234,9 +290,6 @@ class TrainIterator(grain.DatasetIterator):
       raise PipelineError(f'train iterator state {state!r} is not {{"step": <non-negative int>}}')
     self._stop_batches()
     self._step = int(step)
-
-  def start_prefetch(self) -> None:
-    self._ensure_started().start_prefetch()
 
   def _stop_batches(self) -> None:
     if self._batches is not None:
@@ -255,88 +308,110 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   cv2.setNumThreads(1)
 
 
-def to_iterator(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
-  """Iterates `dataset` with `workers` grain processes (0: in this process), two elements buffered each.
+def to_iterator(dataset: grain.MapDataset, workers: int, *,
+                batch_size: int | None = None) -> grain.DatasetIterator:
+  """Iterates `dataset` with `workers` grain processes (0: one read thread in this process).
 
-  The buffers stay small on purpose: a Cityscapes batch is tens of MB.
+  With `batch_size`, consecutive elements are stacked (`stack_samples`) in the
+  calling process after the workers, so every worker contributes to every
+  batch. Buffers hold about two batches: a Cityscapes sample is ~5 MB.
   """
   if workers < 0:
     raise PipelineError(f'data.workers={workers} must be >= 0')
-  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  per_batch = batch_size or 1
+  iter_dataset = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * per_batch))
   if workers > 0:
     # grain's worker start-up reads its absl flags; outside an absl app (tests, notebooks,
     # the benchmark) nobody parsed them, so take their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+        grain.MultiprocessingOptions(num_workers=workers,
+                                     per_worker_buffer_size=max(2, math.ceil(2 * per_batch / workers))),
         worker_init_fn=_init_worker)
+  if batch_size is not None:
+    iter_dataset = iter_dataset.batch(batch_size, drop_remainder=True, batch_fn=stack_samples)
   return iter(iter_dataset)
 
 
-def _train_sources(config: ml_collections.ConfigDict, workdir: str | None,
-                   with_unlabeled: bool) -> tuple[Any, Any | None]:
+def local_process_count() -> int:
+  """Training processes on this host, from the launcher's environment (1 when none says)."""
+  for name in ('UCCL_LOCAL_PROCESS_COUNT', 'LOCAL_WORLD_SIZE', 'SLURM_NTASKS_PER_NODE'):
+    value = os.environ.get(name, '')
+    digits = value.split('(')[0].split(',')[0]  # SLURM writes e.g. '4(x2)'
+    if digits.isdigit() and int(digits) > 0:
+      return int(digits)
+  return 1
+
+
+def available_cpus() -> int:
+  """CPUs this process may run on (its affinity mask, not the machine's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int) -> int:
+  """data.workers as a count: -1 = this process's share of the CPUs, minus one for the loop."""
+  if not isinstance(workers, int) or isinstance(workers, bool) or workers < -1:
+    raise PipelineError(f'data.workers={workers!r} must be -1 (automatic), 0 (in-process) or a '
+                        'positive number of worker processes')
+  if workers >= 0:
+    return workers
+  return max(1, available_cpus() // local_process_count() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSources:
+  """The train lists of a run, opened once: labeled, and unlabeled (None in supervised runs)."""
+  labeled: Any
+  unlabeled: Any | None
+
+  def steps_per_epoch(self, global_batch: int) -> int:
+    """len(unlabeled) // batch (len(labeled) // batch for supervised runs), remainder dropped."""
+    if self.unlabeled is None:
+      return epoch_steps(len(self.labeled), global_batch, list_field='data.labeled_split')
+    return epoch_steps(len(self.unlabeled), global_batch, list_field='data.unlabeled_split')
+
+
+def load_train_sources(config: ml_collections.ConfigDict, *, workdir: str | None = None,
+                       with_unlabeled: bool = True) -> TrainSources:
+  """Opens the run's train lists (reads the split files; DataError for a missing root or list)."""
   from uccl_jax.data import sources  # pylint: disable=g-import-not-at-top
   labeled = sources.make_source(config, 'labeled', workdir=workdir)
   unlabeled = sources.make_source(config, 'unlabeled', workdir=workdir) if with_unlabeled else None
-  return labeled, unlabeled
+  return TrainSources(labeled, unlabeled)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, *, with_unlabeled: bool = True,
                     workdir: str | None = None) -> int:
-  """Global steps per epoch: len(unlabeled) // batch (len(labeled) // batch for supervised runs)."""
-  labeled, unlabeled = _train_sources(config, workdir, with_unlabeled)
-  if unlabeled is None:
-    return epoch_steps(len(labeled), config.train.batch_size, list_field='data.labeled_split')
-  return epoch_steps(len(unlabeled), config.train.batch_size, list_field='data.unlabeled_split')
+  """Global steps per epoch (opens the lists; a run opens them once with `load_train_sources`)."""
+  train_sources = load_train_sources(config, workdir=workdir, with_unlabeled=with_unlabeled)
+  return train_sources.steps_per_epoch(int(config.train.batch_size))
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                         process_count: int | None = None, workdir: str | None = None,
-                        with_unlabeled: bool = True) -> TrainIterator:
-  """This process's endless iterator of train batches (layout in docs/ARCHITECTURE.md).
+                        with_unlabeled: bool = True,
+                        train_sources: TrainSources | None = None) -> TrainIterator:
+  """This process's endless iterator of train batches (layout in `uccl_jax.inputs`).
 
   Per-process batch B = train.batch_size // process_count; crop data.crop_size;
-  seeds from train.seed; data.workers grain worker processes. Call `close()`
-  when done to stop the workers; `get_state()` / `set_state()` to checkpoint.
+  seeds from train.seed; `resolve_workers(data.workers)` grain worker
+  processes. `train_sources` reuses lists already opened (else they are opened
+  here). Call `close()` when done to stop the workers; `get_state()` /
+  `set_state()` to checkpoint.
   """
   process_index, process_count = _process_layout(process_index, process_count)
   per_process_batch(config.train.batch_size, process_count)  # fail before reading any list
-  labeled, unlabeled = _train_sources(config, workdir, with_unlabeled)
+  workers = resolve_workers(config.data.workers)
+  if train_sources is None:
+    train_sources = load_train_sources(config, workdir=workdir, with_unlabeled=with_unlabeled)
   maker = make_batch_maker(
-      labeled, unlabeled, crop_size=config.data.crop_size, global_batch=config.train.batch_size,
-      seed=config.train.seed, process_index=process_index, process_count=process_count,
-      vflip_prob=config.data.vflip_prob)
-  return TrainIterator(maker, config.data.workers)
-
-
-@dataclasses.dataclass
-class ValExampleMaker:
-  """record -> {'image': f32 [H,W,3] normalised, 'mask': i32 [H,W], 'name': str} at full resolution."""
-
-  def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    return {'image': transforms.normalize(record['image']),
-            'mask': np.asarray(record['mask'], np.int32),
-            'name': record.get('name', '')}
-
-
-def build_val_dataset(source: Sequence[Mapping[str, Any]], *, process_index: int = 0,
-                      process_count: int = 1) -> grain.MapDataset:
-  """Records index % process_count == process_index of the val list (disjoint, together all)."""
-  if not 0 <= process_index < process_count:
-    raise PipelineError(f'process_index={process_index} is outside [0, process_count={process_count})')
-  return grain.MapDataset.source(source)[process_index::process_count].map(ValExampleMaker())
-
-
-def make_val_dataset(config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                     process_count: int | None = None) -> grain.MapDataset:
-  """This process's share of the val list, one full-resolution image per element.
-
-  A MapDataset (len() and indexing work); iterate it directly, or
-  `.to_iter_dataset()` for threaded decoding. Shares differ by at most one
-  image when the list does not divide by the process count.
-  """
-  from uccl_jax.data import sources  # pylint: disable=g-import-not-at-top
-  process_index, process_count = _process_layout(process_index, process_count)
-  return build_val_dataset(sources.make_source(config, 'val'), process_index=process_index,
-                           process_count=process_count)
+      train_sources.labeled, train_sources.unlabeled, crop_size=config.data.crop_size,
+      global_batch=config.train.batch_size, seed=config.train.seed, process_index=process_index,
+      process_count=process_count, vflip_prob=config.data.vflip_prob,
+      mix_images=config.data.mix_images)
+  return TrainIterator(maker, workers)

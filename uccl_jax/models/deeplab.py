@@ -24,6 +24,14 @@ head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifor
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# What a rematerialised decoder (ASPP, decoder, classifier) keeps: its convolutions'
+# outputs, so the backward pass recomputes only BatchNorm, ReLU, concatenations,
+# resizes and the dropout masks. Measured on the UCCL Cityscapes step (docs/RESULTS.md,
+# "Memory per device"): as much memory saved as recomputing everything
+# (nothing_saveable), without recomputing the decoder's convolutions, which are 3x3
+# at stride 4 with 256 channels and cost +14% of the step's FLOPs to redo.
+DECODER_REMAT_POLICY = jax.checkpoint_policies.dots_saveable
+
 
 def _torch_bias_init(fan_in: int):
   """torch Conv2d bias default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -100,6 +108,11 @@ class DeepLabV3Plus(nn.Module):
     dilations: the three ASPP rates.
     dtype: compute dtype; parameters, BN statistics and the returned outputs
       are float32 whatever it is.
+    remat: rematerialise the backbone's stem and blocks (resnet.REMAT_POLICY:
+      everything inside recomputed) and the decoder (DECODER_REMAT_POLICY:
+      all but its convolutions recomputed) in the backward pass instead of
+      keeping their activations. Same variables (names and shapes), outputs
+      and gradients; less memory for about one more backbone forward pass.
   """
   num_classes: int
   backbone: str = 'resnet50'
@@ -109,6 +122,7 @@ class DeepLabV3Plus(nn.Module):
   output_stride: int = 16
   dilations: Sequence[int] = (6, 12, 18)
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @property
   def reduce_channels(self) -> int:
@@ -125,39 +139,64 @@ class DeepLabV3Plus(nn.Module):
     """
     height, width = images.shape[1:3]
     c1, _, _, c4 = resnet.build_resnet(self.backbone, width=self.width, stem=self.stem,
-                                 output_stride=self.output_stride, dtype=self.dtype,
-                                 name='backbone')(images, train)
+                                       output_stride=self.output_stride, dtype=self.dtype,
+                                       remat=self.remat, name='backbone')(images, train)
     batch = images.shape[0]
+    dropout_keys = None
     if feature_perturbation:
-      key_c1, key_c4 = jax.random.split(self.make_rng('dropout'))
-      c1 = jnp.concatenate([c1, channel_dropout(c1, key_c1)], axis=0)
-      c4 = jnp.concatenate([c4, channel_dropout(c4, key_c4)], axis=0)
-
-    x = ASPP(self.head_channels, tuple(self.dilations), dtype=self.dtype, name='head')(c4, train)
-    x = ops.resize_bilinear_align_corners(x, c1.shape[1:3])
-    low = _conv_bn_relu(c1, self.reduce_channels, 1, 'reduce', train, self.dtype)
-    x = jnp.concatenate([low, x], axis=-1)
-    x = _conv_bn_relu(x, self.head_channels, 3, 'fuse', train, self.dtype)
-    # fuse = Sequential(conv, bn, relu, conv, bn, relu): the second pair is fuse.3 / fuse.4.
-    x = resnet.conv(self.head_channels, 3, dtype=self.dtype, kernel_init=head_kernel_init,
-                    name='fuse_3')(x)
-    features = nn.relu(resnet.BatchNorm(name='fuse_4')(x, train))
-    logits_lowres = resnet.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                                kernel_init=head_kernel_init,
-                                bias_init=_torch_bias_init(self.head_channels),
-                                name='classifier')(features)
-    # Losses work in float32, so the outputs leave the network in float32.
-    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
-    logits_lowres = logits_lowres.astype(out_dtype)
-    logits = ops.resize_bilinear_align_corners(logits_lowres, (height, width))
+      dropout_keys = tuple(jax.random.split(self.make_rng('dropout')))
+    decode = _remat_decoder(_decode) if self.remat else _decode
+    logits_lowres, logits, features = decode(self, c1, c4, dropout_keys, train, (height, width))
     outputs = {
         'logits': logits[:batch],
         'logits_lowres': logits_lowres[:batch],
-        'features': features[:batch].astype(out_dtype),
+        'features': features[:batch],
     }
     if feature_perturbation:
       outputs['logits_fp'] = logits[batch:]
     return outputs
+
+
+def _decode(module: DeepLabV3Plus, c1: jax.Array, c4: jax.Array,
+            dropout_keys: tuple[jax.Array, jax.Array] | None, train: bool,
+            size: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """ASPP, decoder and classifier of `module`: (low-res logits, logits at `size`, features).
+
+  A function of the module rather than a submodule so that nn.remat can wrap it
+  while its layers keep torch's flat names (`head`, `reduce_0`, `fuse_3`,
+  `classifier`). With dropout_keys (feature perturbation) it runs on
+  [clean; channel-dropped] c1 and c4; the dropout is drawn here, from keys
+  passed in, so a rematerialised decoder keeps c1 and c4 (which the backbone
+  keeps anyway) rather than their doubled, dropped copies. Outputs are float32
+  (the losses' dtype) and cover the doubled batch.
+  """
+  if dropout_keys is not None:
+    c1 = jnp.concatenate([c1, channel_dropout(c1, dropout_keys[0])], axis=0)
+    c4 = jnp.concatenate([c4, channel_dropout(c4, dropout_keys[1])], axis=0)
+  dtype = module.dtype
+  x = ASPP(module.head_channels, tuple(module.dilations), dtype=dtype, name='head')(c4, train)
+  x = ops.resize_bilinear_align_corners(x, c1.shape[1:3])
+  low = _conv_bn_relu(c1, module.reduce_channels, 1, 'reduce', train, dtype)
+  x = jnp.concatenate([low, x], axis=-1)
+  x = _conv_bn_relu(x, module.head_channels, 3, 'fuse', train, dtype)
+  # fuse = Sequential(conv, bn, relu, conv, bn, relu): the second pair is fuse.3 / fuse.4.
+  x = resnet.conv(module.head_channels, 3, dtype=dtype, kernel_init=head_kernel_init,
+                  name='fuse_3')(x)
+  features = nn.relu(resnet.BatchNorm(name='fuse_4')(x, train))
+  logits_lowres = resnet.conv(module.num_classes, 1, use_bias=True, dtype=dtype,
+                              kernel_init=head_kernel_init,
+                              bias_init=_torch_bias_init(module.head_channels),
+                              name='classifier')(features)
+  # Losses work in float32, so the outputs leave the network in float32.
+  out_dtype = jnp.promote_types(dtype, jnp.float32)
+  logits_lowres = logits_lowres.astype(out_dtype)
+  logits = ops.resize_bilinear_align_corners(logits_lowres, size)
+  return logits_lowres, logits, features.astype(out_dtype)
+
+
+def _remat_decoder(decode: Any) -> Any:
+  """`decode` under nn.remat with DECODER_REMAT_POLICY; `train` and `size` are static."""
+  return nn.remat(decode, static_argnums=(4, 5), policy=DECODER_REMAT_POLICY)
 
 
 def from_config(model_config: Mapping[str, Any], num_classes: int) -> DeepLabV3Plus:
@@ -188,6 +227,11 @@ def from_config(model_config: Mapping[str, Any], num_classes: int) -> DeepLabV3P
       raise ValueError(f'config.model.{name}: {field(name)} is not a positive integer')
   if num_classes < 1:
     raise ValueError(f'num_classes: {num_classes} is not a positive integer')
+  # A config saved before model.remat existed (a run folder's config) reads as remat off.
+  remat = model_config.get('remat', False)
+  if not isinstance(remat, bool):
+    raise ValueError(f'config.model.remat: {remat!r} is not True or False')
   return DeepLabV3Plus(num_classes=num_classes, backbone=backbone, width=int(field('width')),
                        head_channels=int(field('head_channels')), stem=stem,
-                       output_stride=output_stride, dilations=dilations, dtype=DTYPES[dtype_name])
+                       output_stride=output_stride, dilations=dilations, dtype=DTYPES[dtype_name],
+                       remat=remat)

@@ -3,6 +3,13 @@
 Module names mirror the PyTorch parameter names with '.' replaced by '_'
 (`conv1_0` is `conv1.0`, `layer4_2/bn3` is `layer4.2.bn3`, `downsample_1` is
 `downsample.1`), so that convert.py maps every weight by name alone.
+
+Rematerialisation (`remat=True`, config `model.remat`): each residual block and
+the stem run under `jax.checkpoint` (Flax's lifted `nn.remat`) with
+REMAT_POLICY, so the backward pass keeps only their inputs and recomputes the
+rest. The lifted transform keeps every module's name and scope, so the
+variables are the same tree with remat on or off and checkpoints and converted
+weights load into either.
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 EXPANSION = {'basic': 1, 'bottleneck': 4}
 STEMS = ('deep', 'standard')
+
+# What a rematerialised block or stem keeps for the backward pass besides its inputs:
+# nothing, so the backward keeps one feature map per block (its input, the previous
+# block's output) and recomputes the rest: one more backbone forward per trained pass.
+# Measured on the UCCL Cityscapes step (docs/RESULTS.md, "Memory per device"):
+# dots_saveable (keep the conv outputs, recompute BN and ReLU) costs no FLOPs but
+# keeps 1.5x-2.5x the activations per block, and left XLA's estimate at 24.4 GiB
+# against 15.7 GiB with nothing_saveable.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
+
+def remat_module(module_cls: type[nn.Module]) -> type[nn.Module]:
+  """`module_cls` under nn.remat; its `__call__(self, x, train)` has `train` static.
+
+  Instances take the same `name` and hold the same variables as the plain class.
+  """
+  return nn.remat(module_cls, static_argnums=(2,), policy=REMAT_POLICY)
 
 
 class BatchNorm(nn.Module):
@@ -147,6 +171,27 @@ def stage_dilations(output_stride: int) -> tuple[bool, bool, bool]:
   raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride}')
 
 
+def _stem(module: 'ResNet', x: jax.Array, train: bool) -> jax.Array:
+  """The stem of `module` through the max-pool; a function so that nn.remat can wrap it.
+
+  The stem's layers sit directly in the ResNet (torch's `conv1.0`, `bn1`), not in
+  a submodule of their own, so a rematerialised stem cannot be a remat'd module
+  class without renaming them; Flax's function form keeps them where they are.
+  """
+  w = module.width
+  x = x.astype(module.dtype)
+  if module.stem == 'deep':
+    x = conv(w, 3, stride=2, dtype=module.dtype, name='conv1_0')(x)
+    x = nn.relu(BatchNorm(name='conv1_1')(x, train))
+    x = conv(w, 3, dtype=module.dtype, name='conv1_3')(x)
+    x = nn.relu(BatchNorm(name='conv1_4')(x, train))
+    x = conv(2 * w, 3, dtype=module.dtype, name='conv1_6')(x)
+  else:
+    x = conv(w, 7, stride=2, dtype=module.dtype, name='conv1')(x)
+  x = nn.relu(BatchNorm(name='bn1')(x, train))
+  return max_pool_3x3_s2(x)
+
+
 class ResNet(nn.Module):
   """ResNet returning (c1, c2, c3, c4), the outputs of layer1..layer4 (like base_forward).
 
@@ -156,6 +201,10 @@ class ResNet(nn.Module):
   Stages use planes w, 2w, 4w, 8w. A stride replaced by dilation follows
   PyTorch's rule: the first block of that stage keeps the previous dilation in
   its 3x3 conv, the others use the new one.
+
+  remat=True rematerialises the stem and every block (module docstring): same
+  outputs, variables and gradients, less memory for the backward pass, one
+  more forward pass of compute.
   """
   block: str = 'bottleneck'
   layers: Sequence[int] = (3, 4, 6, 3)
@@ -163,6 +212,7 @@ class ResNet(nn.Module):
   stem: str = 'deep'
   output_stride: int = 16
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
@@ -171,21 +221,14 @@ class ResNet(nn.Module):
     if self.stem not in STEMS:
       raise ValueError(f"stem must be one of {STEMS}, got '{self.stem}'")
     block_cls = BasicBlock if self.block == 'basic' else Bottleneck
+    stem_fn = _stem
+    if self.remat:
+      block_cls = remat_module(block_cls)
+      stem_fn = nn.remat(_stem, static_argnums=(2,), policy=REMAT_POLICY)
     expansion = EXPANSION[self.block]
     w = self.width
-    x = x.astype(self.dtype)
-    if self.stem == 'deep':
-      x = conv(w, 3, stride=2, dtype=self.dtype, name='conv1_0')(x)
-      x = nn.relu(BatchNorm(name='conv1_1')(x, train))
-      x = conv(w, 3, dtype=self.dtype, name='conv1_3')(x)
-      x = nn.relu(BatchNorm(name='conv1_4')(x, train))
-      x = conv(2 * w, 3, dtype=self.dtype, name='conv1_6')(x)
-      in_channels = 2 * w
-    else:
-      x = conv(w, 7, stride=2, dtype=self.dtype, name='conv1')(x)
-      in_channels = w
-    x = nn.relu(BatchNorm(name='bn1')(x, train))
-    x = max_pool_3x3_s2(x)
+    x = stem_fn(self, x, train)
+    in_channels = 2 * w if self.stem == 'deep' else w
 
     dilate = (False,) + stage_dilations(self.output_stride)
     dilation = 1
@@ -210,13 +253,13 @@ class ResNet(nn.Module):
 
 
 def build_resnet(arch: str, *, width: int = 64, stem: str = 'deep', output_stride: int = 16,
-           dtype: Any = jnp.float32, name: str | None = None) -> ResNet:
+                 dtype: Any = jnp.float32, remat: bool = False, name: str | None = None) -> ResNet:
   """ResNet by architecture name ('resnet18' | 'resnet34' | 'resnet50' | 'resnet101')."""
   if arch not in ARCHS:
     raise ValueError(f"backbone must be one of {sorted(ARCHS)}, got '{arch}'")
   block, layers = ARCHS[arch]
   return ResNet(block=block, layers=layers, width=width, stem=stem, output_stride=output_stride,
-                dtype=dtype, name=name)
+                dtype=dtype, remat=remat, name=name)
 
 
 def channels(arch: str, width: int) -> tuple[int, int]:
