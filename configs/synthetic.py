@@ -1,9 +1,9 @@
 """The embedded demo: UCCL end to end on the generated street-scene dataset, on a laptop CPU.
 
 Run (generates the dataset into ~/.cache/uccl_jax on first use, then trains 192
-steps and evaluates twice; measured 6 min 18 s wall on a shared 2-core CPU, of
-which 90 s compile the step, ending at mIoU 27.1 and 76% pixel accuracy; guessing
-scores mIoU 5.6 (uniform), 6.2 (majority class), 8.6 (by class frequency)):
+steps and evaluates twice; figures measured so far are in README.md's quick start:
+about 3 min on a 2-core CPU, mIoU ~25-27 depending on the CPU and the code version;
+guessing scores mIoU 5.6 (uniform), 6.2 (majority class), 8.6 (by class frequency)):
   python -m uccl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 Evaluate its best checkpoint again:
   python -m uccl_jax.main --config=configs/synthetic.py --workdir=runs/demo --mode=eval

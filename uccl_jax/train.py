@@ -416,8 +416,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   iterator = pipeline.make_train_iterator(config, workdir=workdir,
                                           with_unlabeled=plan.with_unlabeled,
                                           train_sources=train_sources)
-  logging.info('Input: %d grain worker processes (data.workers=%d; %d CPUs available to this '
-               'process)', iterator.workers, config.data.workers, pipeline.available_cpus())
+  input_line = (f'input: {iterator.workers} grain worker processes (data.workers='
+                f'{config.data.workers}; {pipeline.available_cpus()} CPUs available to this process)')
   checkpoints = checkpoint_lib.RunCheckpoints(checkpoints_dir, keep=int(config.checkpoint.keep))
   try:
     if latest is not None:
@@ -432,6 +432,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step = int(jax.device_get(state.step))
     with reporting.RunReporter(workdir, total_steps=plan.last_step, start_step=start_step) as reporter:
       reporter.write_config(config)
+      reporter.message(input_line)
       if start_step == 0:
         reporter.message(describe_backbone(config))
         num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
