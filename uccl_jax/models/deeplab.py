@@ -29,8 +29,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # resizes and the dropout masks. Measured on the UCCL Cityscapes step (docs/RESULTS.md,
 # "Memory per device"): as much memory saved as recomputing everything
 # (nothing_saveable), without recomputing the decoder's convolutions, which are 3x3
-# at stride 4 with 256 channels and cost +14% of the step's FLOPs to redo.
-DECODER_REMAT_POLICY = jax.checkpoint_policies.dots_saveable
+# at stride 4 with 256 channels and cost +14% of the step's FLOPs to redo. None leaves
+# the decoder as it is (only the backbone rematerialised).
+DECODER_REMAT_POLICY: Any = jax.checkpoint_policies.dots_saveable
 
 
 def _torch_bias_init(fan_in: int):
@@ -145,7 +146,7 @@ class DeepLabV3Plus(nn.Module):
     dropout_keys = None
     if feature_perturbation:
       dropout_keys = tuple(jax.random.split(self.make_rng('dropout')))
-    decode = _remat_decoder(_decode) if self.remat else _decode
+    decode = _remat_decoder(_decode) if self.remat and DECODER_REMAT_POLICY is not None else _decode
     logits_lowres, logits, features = decode(self, c1, c4, dropout_keys, train, (height, width))
     outputs = {
         'logits': logits[:batch],

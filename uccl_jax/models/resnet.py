@@ -42,9 +42,9 @@ STEMS = ('deep', 'standard')
 # block's output) and recomputes the rest: one more backbone forward per trained pass.
 # Measured on the UCCL Cityscapes step (docs/RESULTS.md, "Memory per device"):
 # dots_saveable (keep the conv outputs, recompute BN and ReLU) costs no FLOPs but
-# keeps 1.5x-2.5x the activations per block, and left XLA's estimate at 24.4 GiB
-# against 15.7 GiB with nothing_saveable.
-REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+# keeps several feature maps per block and left XLA's estimate at 24.5 GiB, against
+# 15.7 GiB with nothing_saveable (33.9 GiB without remat).
+REMAT_POLICY: Any = jax.checkpoint_policies.nothing_saveable
 
 
 def remat_module(module_cls: type[nn.Module]) -> type[nn.Module]:
