@@ -338,3 +338,19 @@ def test_ablation_refuses_a_run_folder_trained_with_other_settings(tmp_path):
       {'train': {'max_steps': 4}, 'sbu': {'enabled': True}}))
   with pytest.raises(ablation.AblationError, match='max_steps=4'):
     ablation._check_run_settings(spec)  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------
+# Pipeline benchmark.
+
+
+def test_pipeline_benchmark_counts_the_bytes_of_the_batch_contract():
+  from uccl_jax.benchmark import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
+  setting = pipeline_benchmark.Setting('tiny', (40, 60), 'png', 33, batch_size=2)
+  row = pipeline_benchmark.run_setting(setting, steps=1, workers=None, step_times=[0.5])
+  spec = inputs.host_batch_spec(33, 2)
+  assert row['bytes_per_step'] == sum(math.prod(x.shape) * x.dtype.itemsize
+                                      for x in jax.tree.leaves(spec))
+  assert row['core_s_per_step'] > 0
+  assert row['cores_needed']['0.5'] == pytest.approx(row['core_s_per_step'] / 0.5)
+  assert 'tiny' in pipeline_benchmark.format_report([row])

@@ -2,7 +2,8 @@
 
 With no name (the first argument is a flag or absent) the step benchmark runs
 (uccl_jax/benchmark/step.py: step time, FLOPs, MFU, memory, pipeline, scaling);
-`losses`, `pipeline` and `ablation` run their modules' `main(argv)`.
+`losses`, `pipeline` (host cost per step), `eval`, `gpu_check` and `ablation` run their
+modules' `main(argv)`.
 
 `--scaling` on a CPU needs several devices, which JAX fixes when it starts: if
 XLA_FLAGS does not already ask for host devices, 4 fake ones are requested here,
@@ -17,7 +18,7 @@ import sys
 
 BENCHMARKS = {
     'losses': 'uccl_jax.benchmark.losses',  # SBU + CKR forward+backward vs NumPy loops
-    'pipeline': 'uccl_jax.benchmark.pipeline',  # input pipeline throughput
+    'pipeline': 'uccl_jax.benchmark.pipeline',  # host bytes and core-seconds per training step
     'ablation': 'uccl_jax.benchmark.ablation',  # Table III rows trained on the demo dataset
     'eval': 'uccl_jax.benchmark.evaluation',  # evaluation images/s at the Cityscapes setting
     'gpu_check': 'uccl_jax.benchmark.gpu_check',  # every GPU figure of docs/RESULTS.md, < 8 min
