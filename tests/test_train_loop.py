@@ -44,7 +44,8 @@ class _FakeIterator:
     return {'position': self.position}
 
 
-def _fake_step(nan_at: int | None = None, sigterm_at: int | None = None):
+def _fake_step(nan_at: int | None = None, sigterm_at: int | None = None,
+               signal_to_send: int = signal.SIGTERM):
   """state {'w'} += batch mean; metrics as the real step names them; optional NaN or SIGTERM."""
   @jax.jit
   def step_fn(state, batch):
@@ -56,7 +57,7 @@ def _fake_step(nan_at: int | None = None, sigterm_at: int | None = None):
     count = train_step.calls = getattr(train_step, 'calls', 0) + 1
     loss = float('nan') if count == nan_at else 1.0 / count
     if count == sigterm_at:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal_to_send)
     metrics = {name: jnp.float32(loss) for name in
                ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr')}
     metrics.update(lr=jnp.float32(0.01), mask_ratio=jnp.float32(0.5), grad_norm=jnp.float32(1.0))
@@ -75,7 +76,7 @@ class _FakeResult:
 
 
 def _run(tmp_path, monkeypatch, *, last_step, every_steps, eval_every, steps_per_epoch=3,
-         nan_at=None, sigterm_at=None, log_every=2, train_step=None):
+         nan_at=None, sigterm_at=None, log_every=2, train_step=None, signal_to_send=signal.SIGTERM):
   config = config_lib.base_config()
   config.data.name = 'synthetic'
   config.data.num_classes = 7
@@ -99,7 +100,7 @@ def _run(tmp_path, monkeypatch, *, last_step, every_steps, eval_every, steps_per
                                    tensorboard=False, console='off')
   try:
     with train._Preemption() as preemption:  # pylint: disable=protected-access
-      result = train.run_loop(config, plan, None, mesh, train_step or _fake_step(nan_at, sigterm_at), state,
+      result = train.run_loop(config, plan, None, mesh, train_step or _fake_step(nan_at, sigterm_at, signal_to_send), state,
                               _FakeIterator(), manager, reporter, 0, preemption)
   finally:
     reporter.close()
@@ -172,6 +173,14 @@ def test_sigterm_saves_then_stops(tmp_path, monkeypatch):
   assert evaluated == []  # the epoch-end evaluation is skipped: the job has seconds left
   manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True)
   assert manager.all_steps() == [3]
+
+
+def test_ctrl_c_saves_then_stops_like_sigterm(tmp_path, monkeypatch, capsys):
+  result, _ = _run(tmp_path, monkeypatch, last_step=8, every_steps=100, eval_every=0,
+                   steps_per_epoch=100, sigterm_at=5, signal_to_send=signal.SIGINT)
+  assert result.preempted and result.step == 5
+  assert checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True).all_steps() == [5]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
 
 
 def test_check_config_names_the_field():

@@ -13,7 +13,8 @@ What a run does, in order:
    epoch end and at the end, evaluates every `eval.every_epochs` epochs and at
    the end (the mIoU is attached to the checkpoint of that step, so 'best' can
    be restored later).
-4. SIGTERM (preemption): finishes the current step, saves, exits cleanly. One
+4. SIGTERM (preemption) or Ctrl-C: finishes the current step, saves, exits cleanly (a
+   second Ctrl-C stops at once). One
    process notices at once; several processes agree at the next logging,
    saving or evaluation step (at most `train.log_every_steps` steps later,
    with no collective in between).
@@ -276,30 +277,38 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries (all processes agree on the step).
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked at step boundaries.
 
-  One process reads its flag every step (no cost). Several processes must stop
-  at the same step, which takes a collective: they agree only at sync points
-  the loop already has (logging, saving, evaluating), so no step pays for it.
+  Either signal finishes the current step, saves and exits cleanly; a second
+  Ctrl-C stops at once (KeyboardInterrupt). One process reads its flag every
+  step (no cost). Several processes must stop at the same step, which takes a
+  collective: they agree only at sync points the loop already has (logging,
+  saving, evaluating), so no step pays for it.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = ''
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> _Preemption:
     def handler(signum, frame):
-      del signum, frame
+      del frame
+      if signum == signal.SIGINT and self.requested:
+        raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
       self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-      self._previous = None
+      self.signal_name = self.signal_name or signal.Signals(signum).name
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+        pass
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def agreed(self, at_sync_point: bool) -> bool:
     """True when this run stops here: any process got SIGTERM and, with several, this is a sync point.
@@ -524,8 +533,8 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
           window_start, window_steps = time.perf_counter(), 0
         if preempted:
           checkpoints.wait()
-          reporter.message(f'SIGTERM: saved the checkpoint at step {step} and stopped; run the '
-                           'same command again to resume')
+          reporter.message(f'{preemption.signal_name or "SIGTERM"}: saved the checkpoint at step '
+                           f'{step} and stopped; run the same command again to resume')
           return TrainResult(step, last_miou, preempted=True)
   checkpoints.wait()
   return TrainResult(step, last_miou)
