@@ -15,7 +15,8 @@ import data_fixtures
 from uccl_jax.data import classes
 from uccl_jax.data import sources
 
-REAL_SPLITS = pathlib.Path('/work/shared/data/unimatch_splits')
+# The shared folder beside the checkout (../shared), where this project's machines keep UniMatch's lists.
+REAL_SPLITS = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'unimatch_splits'
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
