@@ -248,7 +248,7 @@ def test_strong_view_grayscale_is_pil_luma():
 
 def test_color_jitter_hue_shift_matches_hsv_rotation():
   image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (6, 6, 3), dtype=np.uint8))
-  shifted = np.asarray(transforms._adjust_hue(image, 0.1).convert('HSV'), np.int64)  # pylint: disable=protected-access
+  shifted = np.asarray(transforms._shift_hue(image, int(0.1 * 255)).convert('HSV'), np.int64)  # pylint: disable=protected-access
   hsv = np.asarray(image.convert('HSV'), np.int64)
   hue_diff = (shifted[..., 0] - hsv[..., 0]) % 256
   # Round-tripping HSV->RGB->HSV moves the hue by at most a couple of steps.

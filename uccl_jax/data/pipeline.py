@@ -164,13 +164,13 @@ class TrainSampleMaker:
     return step * self.global_batch + self.process_index * self.batch_size + slot
 
   def _view(self, source: Any, order: StreamOrder, position: int,
-            view_fn: Callable[..., dict[str, np.ndarray]], *, stream: int | None = None,
+            view_fn: Callable[..., dict[str, np.ndarray]], *,
             record: Any = None) -> dict[str, np.ndarray]:
     """One view of the record `order` puts at `position` (or of `record`, already decoded),
-    augmented by the generator of (`stream`, default the order's own, `position`)."""
+    augmented by the generator of (the order's stream, `position`)."""
     if record is None:
       record = source[order.record_index(position)]
-    rng = augment_rng(self.seed, order.stream if stream is None else stream, position)
+    rng = augment_rng(self.seed, order.stream, position)
     return view_fn(record, self.crop_size, rng, vflip_prob=self.vflip_prob)
 
   def sample(self, index: int) -> dict[str, dict[str, np.ndarray]]:
@@ -184,7 +184,7 @@ class TrainSampleMaker:
       out['unlabeled'] = self._view(self.unlabeled_source, self.unlabeled_order, position,
                                     transforms.unlabeled_views, record=record)
       mix = self._view(self.unlabeled_source, self.mix_order, position, transforms.unlabeled_views,
-                       stream=STREAM_MIX, record=record)
+                       record=record)
       # The mixing images' own CutMix boxes are drawn (the random stream stays UniMatch's) but
       # never read by the step, so they are not sent.
       out['mix'] = {key: value for key, value in mix.items() if key not in ('box1', 'box2')}

@@ -178,11 +178,6 @@ def _shift_hue(image: Image.Image, shift: int) -> Image.Image:
   return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL))
 
 
-def _adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
-  """torchvision's PIL hue shift by a factor in [-0.5, 0.5]: a shift of int(hue_factor * 255)."""
-  return _shift_hue(image, int(hue_factor * 255))
-
-
 def draw_strong_params(rng: np.random.Generator, *, dtype: Any = np.float32) -> np.ndarray:
   """A strong view's random draws, [len(STRONG_PARAMS)] laid out as STRONG_PARAMS.
 
