@@ -28,8 +28,14 @@ from __future__ import annotations
 import ml_collections
 
 from uccl_jax.config import base_config
+from uccl_jax.data import synthetic
 
 METHODS = ('uccl', 'unimatch', 'supervised')
+BATCH_SIZE = 4
+EPOCHS = 2
+# The generated dataset's defaults (data.root ''): 16 labeled of 400 train images.
+_NUM_TRAIN = synthetic.DEMO_NUM_TRAIN
+_NUM_LABELED = synthetic.DEMO_NUM_LABELED
 
 
 def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
@@ -51,8 +57,11 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
   config.model.stem = 'deep'
   config.model.output_stride = 16
   config.model.dilations = (6, 12, 18)
-  config.train.batch_size = 4
-  config.train.epochs = 2  # 384 unlabeled / 4 = 96 steps per epoch
+  # The backbone pretrained on the generated source domain (uccl_jax/pretrain.py), made once per
+  # machine on first use; 'none' trains from random weights (docs/RESULTS.md compares the two).
+  config.model.pretrained = 'synthetic:source'
+  config.train.batch_size = BATCH_SIZE
+  config.train.epochs = EPOCHS  # one epoch = one pass over the 384 unlabeled images: 96 steps
   config.train.lr = 0.01
   config.train.lr_multi = 10.0
   config.train.log_every_steps = 10
@@ -63,4 +72,11 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
   config.eval.every_epochs = 1
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
+  if method == 'supervised':
+    # No unlabeled list, so an epoch is a pass over the 16 labeled images (4 steps): as many
+    # epochs as make the semi-supervised runs' steps, evaluated at the same steps.
+    labeled_steps = _NUM_LABELED // BATCH_SIZE
+    unlabeled_steps = (_NUM_TRAIN - _NUM_LABELED) // BATCH_SIZE
+    config.train.epochs = EPOCHS * unlabeled_steps // labeled_steps
+    config.eval.every_epochs = unlabeled_steps // labeled_steps
   return config

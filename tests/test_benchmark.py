@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -23,7 +26,14 @@ from uccl_jax import reporting
 from uccl_jax import step as step_lib
 from uccl_jax.benchmark import __main__ as benchmark_main
 from uccl_jax.benchmark import ablation
+from uccl_jax.benchmark import losses as losses_benchmark
+from uccl_jax.benchmark import pipeline as pipeline_benchmark
+from uccl_jax.benchmark import overhead
+from uccl_jax.benchmark import random_inputs
+from uccl_jax.benchmark import scaling
 from uccl_jax.benchmark import step as step_benchmark
+from uccl_jax.benchmark import step_cli
+from uccl_jax.benchmark import timing
 from uccl_jax.models import deeplab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,7 +60,7 @@ def tiny_config(method: str = 'supervised'):
 def test_random_batch_has_the_pipeline_layout():
   """Same structure, shapes and dtypes as the contract in uccl_jax.inputs, and every path exercised."""
   config = tiny_config()
-  batch = step_benchmark.random_batch(config, seed=1)
+  batch = random_inputs.random_batch(config, seed=1)
   spec = inputs.host_batch_spec(33, 4)
   assert jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), batch) == jax.tree.map(
       lambda x: (x.shape, x.dtype), spec)
@@ -67,7 +77,7 @@ def test_random_batch_has_the_pipeline_layout():
 def test_random_state_matches_create_train_state_structure():
   config = tiny_config()
   model = deeplab.from_config(config.model, 5)
-  state = step_benchmark.random_train_state(config, model, seed=0)
+  state = random_inputs.random_train_state(config, model, seed=0)
   expected = jax.eval_shape(
       lambda k: step_lib.create_train_state(config, model, k, (33, 33, 3), total_steps=1000),
       jax.random.PRNGKey(0))
@@ -100,9 +110,9 @@ def test_interleaved_overhead_alternates_the_steps_and_takes_per_round_ratios(mo
       return state, {'loss': 0.0}
     return run, host_state, host_batch, 0.0
 
-  monkeypatch.setattr(step_benchmark, '_compiled_step', fake_compiled_step)
-  monkeypatch.setattr(step_benchmark.time, 'perf_counter', lambda: clock[0])
-  result = step_benchmark.interleaved_overhead(tiny_config('uccl'), jax.devices()[:1], rounds=5)
+  monkeypatch.setattr(timing, 'compiled_step', fake_compiled_step)
+  monkeypatch.setattr(overhead.time, 'perf_counter', lambda: clock[0])
+  result = overhead.interleaved_overhead(tiny_config('uccl'), jax.devices()[:1], rounds=5)
   # One warm-up step each, then rounds in the order AB, BA, AB, ...
   assert order == ['unimatch', 'uccl'] + ['unimatch', 'uccl', 'uccl', 'unimatch'] * 2 + [
       'unimatch', 'uccl']
@@ -115,7 +125,7 @@ def test_interleaved_overhead_alternates_the_steps_and_takes_per_round_ratios(mo
 
 def test_loss_figures_are_taken_at_the_step_feature_size():
   config = tiny_config('uccl')  # crop 33 -> features 9x9 (deep stem, max pool: ceil(33 / 4))
-  record = step_benchmark.measure_losses(config, repeats=2)
+  record = losses_benchmark.measure_losses(config, repeats=2)
   assert {k: record[k] for k in ('batch', 'feature_size', 'classes', 'channels')} == {
       'batch': 4, 'feature_size': 9, 'classes': 5, 'channels': 8}
   assert 0 < record['sbu_ckr_fwd_bwd_min_s'] <= record['sbu_ckr_fwd_bwd_s']
@@ -123,9 +133,9 @@ def test_loss_figures_are_taken_at_the_step_feature_size():
 
 def test_step_benchmark_writes_the_json_fields(tmp_path, capsys):
   out = tmp_path / 'bench.json'
-  status = step_benchmark.main([f'--config={REPO / "configs" / "synthetic.py"}', *TINY,
-                                '--methods=supervised', '--steps=2', f'--json={out}',
-                                '--nopipeline', '--nolosses', '--matmul_size=256'])
+  status = step_cli.main([f'--config={REPO / "configs" / "synthetic.py"}', *TINY,
+                          '--methods=supervised', '--steps=2', f'--json={out}',
+                          '--nopipeline', '--nolosses', '--matmul_size=256'])
   assert status == 0
   report = json.loads(out.read_text())
   (record,) = report['methods']
@@ -147,7 +157,7 @@ def test_step_benchmark_writes_the_json_fields(tmp_path, capsys):
 
 def test_scaling_same_loss_and_global_flops_on_one_and_four_devices():
   config = tiny_config('supervised')
-  rows = step_benchmark.measure_scaling(config, (1, 4, 8, 3), steps=1)
+  rows = scaling.measure_scaling(config, (1, 4, 8, 3), steps=1)
   by_count = {row['num_devices']: row for row in rows}
   assert 'skipped' in by_count[8] and 'skipped' in by_count[3]  # 8 > devices; 3 does not divide 4
   # Same state and batch: the step computes the same loss whatever the sharding.
@@ -161,18 +171,60 @@ def test_scaling_same_loss_and_global_flops_on_one_and_four_devices():
 
 def test_overhead_percent_from_step_times():
   records = [{'method': 'unimatch', 'step_time_s': 0.2}, {'method': 'uccl', 'step_time_s': 0.25}]
-  assert step_benchmark.overhead_percent(records) == pytest.approx(25.0)
-  assert step_benchmark.overhead_percent(records[:1]) is None
+  assert overhead.overhead_percent(records) == pytest.approx(25.0)
+  assert overhead.overhead_percent(records[:1]) is None
 
 
 def test_step_benchmark_bad_flags_give_one_line(capsys):
-  assert step_benchmark.main(['--methods=fastest', '--nopipeline', '--nolosses']) == 2
-  assert step_benchmark.main(['--config=configs/synthetic.py', '--config.no_such=1']) == 2
-  assert step_benchmark.main(['--config=configs/synthetic.py', '--config.train.batch_size=3',
-                              '--nopipeline', '--nolosses']) == 2
+  assert step_cli.main(['--methods=fastest', '--nopipeline', '--nolosses']) == 2
+  assert step_cli.main(['--config=configs/synthetic.py', '--config.no_such=1']) == 2
+  assert step_cli.main(['--config=configs/synthetic.py', '--config.train.batch_size=3',
+                        '--nopipeline', '--nolosses']) == 2
   lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
   assert len(lines) == 3 and all(l.startswith('error: ') for l in lines), lines
   assert 'fastest' in lines[0] and 'no_such' in lines[1] and 'batch_size' in lines[2]
+
+
+def _run_benchmark(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', 'uccl_jax.benchmark', *args], capture_output=True,
+                        text=True, env=env, timeout=300, check=False, cwd=REPO)
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h', '--helpfull'])
+def test_help_exits_0_and_prints_the_examples_and_flags_with_their_line_breaks(flag):
+  result = _run_benchmark(flag)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  examples = lines[lines.index('examples:') + 1:lines.index('examples:') + 5]
+  assert examples[0] == ('  python -m uccl_jax.benchmark --config=configs/pascal.py '
+                         '--methods=unimatch,uccl --json=step.json')
+  assert all(line.startswith('  python -m uccl_jax.benchmark ') for line in examples), examples
+  usage = '\n'.join(lines[:lines.index('examples:')])
+  assert all(name in usage for name in benchmark_main.BENCHMARKS)  # every subcommand is named
+  for name in ('--methods', '--steps', '--json', '--[no]pipeline', '--scaling_devices', '--config'):
+    assert any(line.startswith(f'  {name}:') for line in lines), name
+
+
+def test_bad_flags_from_the_command_line_are_one_line_without_traceback(tmp_path):
+  for args, fragment in ((['--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
+                         (['--config=configs/synthetic.py', '--steps=many'], '--steps=many'),
+                         (['--config=nowhere.py'], 'no such file nowhere.py')):
+    result = _run_benchmark(*args)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], result.stderr
+
+
+def test_an_unwritable_json_path_fails_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+  ran = []
+  monkeypatch.setattr(step_cli, 'run', lambda *args, **kwargs: ran.append(1))
+  (tmp_path / 'a_file').write_text('not a folder')
+  out = tmp_path / 'a_file' / 'bench.json'  # its parent is a file: no one can write there
+  assert step_cli.main(['--config=configs/synthetic.py', f'--json={out}']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: --json={out}: cannot write') and err.count('\n') == 1, err
+  assert not ran and (tmp_path / 'a_file').read_text() == 'not a folder'
 
 
 def test_dispatch_unknown_benchmark_name(capsys):
@@ -189,7 +241,9 @@ def write_metrics(path: pathlib.Path, evals: dict[int, float], step_times=(0.5, 
   path.parent.mkdir(parents=True, exist_ok=True)
   lines = [{'kind': 'message', 'text': 'hello'}]
   for index, t in enumerate(step_times):
-    lines.append({'kind': 'train', 'step': index + 1, 'step_time': t, 'loss': 1.0})
+    lines.append({'kind': 'train', 'step': index + 1, 'step_time': t, 'loss': 1.0,
+                  'mask_ratio': 0.1 * (index + 1), 'loss_x': 1.0, 'loss_s': 0.5, 'loss_fp': 0.25,
+                  'loss_sbu': 2.0, 'loss_ckr': 4.0})
   for step, miou in evals.items():
     lines.append({'kind': 'eval', 'step': step, 'miou': miou, 'iou_per_class': {'a': miou}})
   path.write_text(''.join(json.dumps(l) + '\n' for l in lines))
@@ -295,6 +349,8 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
     assert flags['--config.ckr.enabled'] == str(spec.row.ckr)
     assert flags['--config.unsup.anchors'] == ('pasted' if spec.row.name == 'uccl_pasted'
                                                else 'passes')
+    assert flags['--config.sbu.variant'] == ('paper' if spec.row.name == 'uccl_paper'
+                                             else 'reference')
     assert flags['--config.train.max_steps'] == str(steps)
     # 12 train images, 4 labeled, batch 4: semi epoch 2 steps, supervised epoch 1 step.
     per_epoch = 1 if spec.row.method == 'supervised' else 2
@@ -316,7 +372,12 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
   assert len(trained) == 2 * len(ablation.ROWS) - 1 and ('uccl', 1) not in trained
   text = (out / ablation.RESULTS_FILE).read_text()
   assert '| UCCL (SBU + CKR) | ✓ | ✓ | 74.50 ± 34.65 (n=2) | 50.00 | 99.00 |' in text
-  assert (out / ablation.PLOT_FILE).read_bytes()[:4] == b'\x89PNG'
+  # The demo config starts from the source-domain backbone: its own block and plot.
+  assert (out / ablation.PRETRAINED_PLOT_FILE).read_bytes()[:4] == b'\x89PNG'
+  assert text.count(ablation.PRETRAINED_BEGIN_MARKER) == 1 and ablation.BEGIN_MARKER not in text
+  assert 'backbone pretrained (synthetic:source)' in text
+  # Mask ratio and loss terms over the second half (steps 3 and 4 of 4: only step 3 is logged).
+  assert '| UCCL (SBU + CKR) | 0.300 | 1.000 | 0.500 | 0.250 | 0.0300 | 0.0800 |' in text
   assert 'python -m uccl_jax.benchmark ablation --seeds=2' in text
   total = 2 * len(ablation.ROWS)
   assert f'in which {total - 1} of the {total} runs trained' in text
@@ -324,9 +385,23 @@ def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, 
   trained.clear()
   assert ablation.main(argv) == 0
   assert trained == []
-  assert (out / ablation.RESULTS_FILE).read_text().count(ablation.BEGIN_MARKER) == 1
-  assert ablation.main([*argv[:2], '--steps=5']) == 1  # not a multiple of --eval_every
+  assert (out / ablation.RESULTS_FILE).read_text().count(ablation.PRETRAINED_BEGIN_MARKER) == 1
+  # From scratch: a second block beside the first, which is kept.
+  assert ablation.main([*argv, f'--workdir={tmp_path / "scratch"}', '--config.model.pretrained=none']) == 0
+  text = (out / ablation.RESULTS_FILE).read_text()
+  assert text.count(ablation.BEGIN_MARKER) == 1 and text.count(ablation.PRETRAINED_BEGIN_MARKER) == 1
+  assert 'from scratch (random initialisation)' in text and (out / ablation.PLOT_FILE).is_file()
+  assert ablation.main([*argv[:2], '--steps=5']) == 2  # not a multiple of --eval_every
   assert '--steps=5' in capsys.readouterr().err
+  assert ablation.main(['ablation', '--eval-every=2', '--steps=5']) == 2  # dashed: warned, then read
+  err = capsys.readouterr().err
+  assert 'warning: --eval-every is deprecated; use --eval_every' in err and '--eval_every=2' in err
+
+
+def test_ablation_help_exits_0_with_the_examples(capsys):
+  assert ablation.main(['ablation', '--help']) == 0
+  out = capsys.readouterr().out
+  assert '  python -m uccl_jax.benchmark ablation [--seeds=3]' in out and '--rows' in out
 
 
 def test_ablation_refuses_a_run_folder_trained_with_other_settings(tmp_path):
@@ -345,7 +420,6 @@ def test_ablation_refuses_a_run_folder_trained_with_other_settings(tmp_path):
 
 
 def test_pipeline_benchmark_counts_the_bytes_of_the_batch_contract():
-  from uccl_jax.benchmark import pipeline as pipeline_benchmark  # pylint: disable=g-import-not-at-top
   setting = pipeline_benchmark.Setting('tiny', (40, 60), 'png', 33, batch_size=2)
   row = pipeline_benchmark.run_setting(setting, steps=1, workers=None, step_times=[0.5])
   spec = inputs.host_batch_spec(33, 2)
@@ -354,3 +428,63 @@ def test_pipeline_benchmark_counts_the_bytes_of_the_batch_contract():
   assert row['core_s_per_step'] > 0
   assert row['cores_needed']['0.5'] == pytest.approx(row['core_s_per_step'] / 0.5)
   assert 'tiny' in pipeline_benchmark.format_report([row])
+
+
+def test_pipeline_figure_of_the_step_benchmark_defaults_to_the_dataset_source_size():
+  assert pipeline_benchmark.SOURCE_SIZES['pascal'] == pipeline_benchmark.SETTINGS['pascal'].source_size
+  assert pipeline_benchmark.SOURCE_SIZES['synthetic'] == (128, 256)
+
+
+# ----------------------------------------------------------------------------
+# The named benchmarks' command lines (eval: test_benchmark_evaluation.py).
+
+
+@pytest.mark.parametrize('name,example', [
+    ('pipeline', '  python -m uccl_jax.benchmark pipeline --settings=cityscapes --workers=4 '
+                 '--json=pipeline.json'),
+    ('losses', '  python -m uccl_jax.benchmark losses --size=201 --classes=19 --notorch_loops'),
+    ('gpu_check', '  python -m uccl_jax.benchmark gpu_check --parts=input,pasted'),
+])
+def test_named_benchmark_help_exits_0_with_the_examples(name, example):
+  result = _run_benchmark(name, '--help')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert example in lines[lines.index('examples:'):]
+  assert 'Flags:' in lines and any(line.startswith('  --') for line in lines)
+
+
+@pytest.mark.parametrize('argv,fragment', [
+    (['pipeline', '--settings=pascal,mars'], '--settings: unknown mars'),
+    (['pipeline', '--step_times=fast'], '--step_times=fast: expected comma-separated seconds'),
+    (['pipeline', '--source_size=375'], '--source_size=375: expected an image size HxW'),
+    (['pipeline', '--steps=0'], '--steps=0: must be >= 1'),
+    (['pipeline', '--workers=many'], 'flag --workers=many'),
+    (['losses', '--batch=0'], '--batch=0: must be >= 1'),
+    (['losses', '--variant=best'], 'flag --variant=best'),
+    (['losses', '--ignored_fraction=1.5'], '--ignored_fraction=1.5: must be in [0, 1)'),
+    (['losses', '--no_such=1'], "Unknown command line flag 'no_such'"),
+])
+def test_named_benchmark_bad_values_are_one_line(argv, fragment, capsys, monkeypatch):
+  monkeypatch.setattr(pipeline_benchmark, 'run_setting', lambda *a, **k: pytest.fail('ran'))
+  monkeypatch.setattr(losses_benchmark, '_numpy_loops', lambda *a, **k: pytest.fail('ran'))
+  assert benchmark_main.main(['uccl_jax.benchmark', *argv]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and fragment in err[0], err
+
+
+def test_named_benchmark_accepts_a_dashed_flag_with_a_warning(capsys, monkeypatch):
+  runs = []
+  monkeypatch.setattr(pipeline_benchmark, 'run_setting',
+                      lambda setting, **kwargs: runs.append(setting) or {})
+  monkeypatch.setattr(pipeline_benchmark, 'format_report', lambda rows: 'report')
+  assert benchmark_main.main(['uccl_jax.benchmark', 'pipeline', '--settings=pascal',
+                              '--batch-size=2', '--source-size=40x60']) == 0
+  assert runs[0].batch_size == 2 and runs[0].source_size == (40, 60)
+  assert capsys.readouterr().err.splitlines() == [
+      'warning: --batch-size is deprecated; use --batch_size',
+      'warning: --source-size is deprecated; use --source_size']
+
+
+def test_losses_time_jax_losses_needs_no_command_line():
+  times = losses_benchmark.time_jax_losses(batch=1, size=5, classes=3, channels=4, repeats=2)
+  assert len(times) == 2 and all(t > 0 for t in times)

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +193,86 @@ def test_a_cut_off_save_never_damages_the_previous_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored['w']), np.full((4,), 3.0))
   assert data == {'pos': 3}
   assert not [p.name for p in directory.iterdir() if 'tmp' in p.name]
+
+
+# ----------------------------------------------------------------------------
+# Resume under another process count; checkpoints that do not fit or are damaged.
+
+
+def test_data_state_restores_under_any_process_count_when_the_processes_agree(tmp_path):
+  manager = checkpoint.RunCheckpoints(tmp_path / 'ckpt')
+  manager.save(2, {'w': jnp.zeros((3,))}, {'step': 2})
+  manager.close()
+  data_dir = tmp_path / 'ckpt' / '2' / checkpoint.DATA_ITEM
+  # As two processes would have written it (this test runs one process).
+  (data_dir / 'process_0-of-1.json').rename(data_dir / 'process_0-of-2.json')
+  (data_dir / 'process_1-of-2.json').write_text((data_dir / 'process_0-of-2.json').read_text())
+  reader = checkpoint.RunCheckpoints(tmp_path / 'ckpt', read_only=True)
+  _, data_state = reader.restore(2, {'w': jnp.zeros((3,))})
+  assert data_state == {'step': 2}
+  (data_dir / 'process_1-of-2.json').write_text('{"kind": "json", "value": {"step": 3}}')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'^{data_dir}: the processes saved different data-iterator states'):
+    reader.restore(2, {'w': jnp.zeros((3,))})
+  (data_dir / 'process_1-of-2.json').unlink()
+  with pytest.raises(checkpoint.CheckpointError, match=rf'^{data_dir}: incomplete data-iterator'):
+    reader.restore(2, {'w': jnp.zeros((3,))})
+
+
+def test_config_whose_shape_fields_differ_from_the_run_is_named(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  manager = checkpoint.RunCheckpoints(tmp_path / 'run' / 'checkpoints')
+  manager.save(96, {'w': jnp.zeros((3,))}, {'step': 96})
+  manager.close()
+  reader = checkpoint.RunCheckpoints(tmp_path / 'run' / 'checkpoints', read_only=True)
+  config = ml_collections.ConfigDict({
+      'model': {'backbone': 'resnet50', 'width': 16, 'head_channels': 64, 'stem': 'deep',
+                'remat': False},
+      'data': {'num_classes': 7}, 'train': {'lr': 0.01}})
+  reader.check_config(96, config)  # no config.json: nothing to compare (the shapes still are)
+  (tmp_path / 'run' / 'config.json').write_text(config.to_json())
+  config.model.remat, config.train.lr = True, 0.1  # no shape changes
+  reader.check_config(96, config)
+  config.model.width, config.data.num_classes = 32, 19
+  with pytest.raises(checkpoint.CheckpointError) as raised:
+    reader.restore(96, {'w': jnp.zeros((3,))}, config=config)
+  assert str(raised.value) == (
+      f'{tmp_path}/run/checkpoints/96: saved with model.width=16, data.num_classes=7; the config '
+      "says model.width=32, data.num_classes=19 (use the run's config, or another --workdir)")
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_its_folder_without_event_loop_noise(tmp_path,
+                                                                                       capfd):
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  manager = checkpoint.RunCheckpoints(tmp_path / 'ckpt')
+  state = {f'layer{i}': jnp.full((64, 64), float(i)) for i in range(16)}
+  manager.save(5, state, {'step': 5})
+  manager.close()
+  files = [p for p in (tmp_path / 'ckpt' / '5' / 'state').rglob('*') if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  with open(largest, 'r+b') as file:
+    file.truncate(largest.stat().st_size // 2)
+  reader = checkpoint.RunCheckpoints(tmp_path / 'ckpt')
+  try:
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+      reader.restore(5, state)
+  finally:
+    reader.close()
+  text = str(raised.value)
+  assert text.startswith(f'{tmp_path}/ckpt/5: cannot read this checkpoint (') and '\n' not in text
+  assert 'TensorStore details' not in text and len(text) < 600, text
+  # The reads still in flight report through sys.unraisablehook: those reports are dropped,
+  # anything else passes on.
+  seen = []
+  hook = sys.unraisablehook
+  previous, hook.previous = hook.previous, seen.append
+  try:
+    hook(types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'), object=None))
+    other = types.SimpleNamespace(exc_value=ValueError('x'), object=None)
+    hook(other)
+  finally:
+    hook.previous = previous
+  assert seen == [other]
+  time.sleep(0.5)
+  assert 'Event loop is closed' not in capfd.readouterr().err

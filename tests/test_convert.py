@@ -148,13 +148,25 @@ def test_load_torch_file_returns_numpy_and_reports_bad_files_in_one_line(tmp_pat
     convert.load_torch_file(missing)
   garbage = tmp_path / 'garbage.pth'
   garbage.write_bytes(b'not a checkpoint')
-  with pytest.raises(convert.ConversionError, match=f'{garbage}: not a readable weights-only PyTorch file'):
+  with pytest.raises(convert.ConversionError,
+                     match=f'{garbage}: not a PyTorch checkpoint .torch.load failed: Unsupported operand'):
     convert.load_torch_file(garbage)
+  empty = tmp_path / 'empty.pth'
+  empty.write_bytes(b'')
+  with pytest.raises(convert.ConversionError, match=f'{empty}: an empty file, not a PyTorch checkpoint'):
+    convert.load_torch_file(empty)
+  whole = path.read_bytes()
+  for name, head in (('truncated.pth', whole[:len(whole) // 2]), ('zip-header.pth', whole[:64])):
+    (tmp_path / name).write_bytes(head)  # a download cut short: the zip's directory is missing
+    with pytest.raises(convert.ConversionError, match=f'{name}: a damaged or truncated PyTorch checkpoint'):
+      convert.load_torch_file(tmp_path / name)
   unsafe = tmp_path / 'unsafe.pth'
   torch.save({'model': _Unsafe()}, unsafe)  # an arbitrary pickled object: weights_only refuses it
-  with pytest.raises(convert.ConversionError, match='not a readable weights-only') as error:
+  with pytest.raises(convert.ConversionError, match='holds pickled Python objects besides tensors') as error:
     convert.load_torch_file(unsafe)
-  assert '\n' not in str(error.value)
+  # One line, with torch's reason but without its advice to switch the safe loader off.
+  assert '\n' not in str(error.value) and 'weights_only' not in str(error.value)
+  assert f'GLOBAL {__name__}._Unsafe' in str(error.value)
 
 
 class _Unsafe:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,7 +58,7 @@ def test_cli_converts_a_unimatch_checkpoint_whose_predictions_equal_the_referenc
   _save_unimatch_checkpoint(source, state)
   out = tmp_path / 'converted'
 
-  result = _run_cli(str(source), f'--out={out}', '--num-classes=5')
+  result = _run_cli(str(source), f'--out={out}', '--num_classes=5')
   assert result.returncode == 0, result.stderr
   assert 'DeepLabV3Plus, resnet50 (width 8, deep stem), head 16, 5 classes' in result.stdout
 
@@ -82,7 +83,7 @@ def test_cli_converts_a_unimatch_checkpoint_whose_predictions_equal_the_referenc
   np.testing.assert_array_equal(np.argmax(got['logits'], -1), np.argmax(expected['logits'], -1))
 
   # Errors from the real command: one line, no traceback, exit status 1, nothing written.
-  bad = _run_cli(str(source), f'--out={tmp_path / "other"}', '--num-classes=21')
+  bad = _run_cli(str(source), f'--out={tmp_path / "other"}', '--num_classes=21')
   assert bad.returncode == 1
   assert bad.stderr.strip().count('\n') == 0 and 'Traceback' not in bad.stderr
   assert 'class-count mismatch: the checkpoint has 5 classes' in bad.stderr
@@ -231,7 +232,7 @@ def test_main_eval_of_a_converted_checkpoint_matches_a_torch_reference_miou(tmp_
   source = tmp_path / 'best.pth'
   _save_unimatch_checkpoint(source, state)
   out = tmp_path / 'converted'
-  assert _run_cli(str(source), f'--out={out}', f'--num-classes={num_classes}').returncode == 0
+  assert _run_cli(str(source), f'--out={out}', f'--num_classes={num_classes}').returncode == 0
 
   root = synthetic.ensure_dataset(tmp_path / 'data', seed=0, num_train=4, num_labeled=2, num_val=2,
                                   size=(32, 64))
@@ -256,3 +257,126 @@ def test_main_eval_of_a_converted_checkpoint_matches_a_torch_reference_miou(tmp_
       union[c] += np.sum(((predicted == c) | (mask == c)) & valid)
   expected = np.mean(intersection / (union + 1e-10)) * 100
   assert result.miou == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The command line itself, run as a person runs it (a subprocess).
+
+# ResNet-18 (basic blocks), deep stem, width 4, head 8, 7 classes: the smallest whole model.
+SMALL_ARCH = torch_reference.Arch(block='basic', layers=(2, 2, 2, 2), width=4, head_channels=8,
+                                  reduce_channels=1, num_classes=7)
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h', '--helpfull'])
+def test_help_exits_0_and_prints_the_examples_with_their_line_breaks(flag):
+  result = _run_cli(flag)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  examples = lines[lines.index('examples:') + 1:][:3]
+  assert examples == ['  python -m uccl_jax.convert pretrained/resnet50.pth --out=weights/resnet50',
+                      '  python -m uccl_jax.convert best.pth --out=weights/unimatch_cs --num_classes=19',
+                      '  python -m uccl_jax.convert --to_torch=runs/voc_183 --out=voc_183.pth']
+  for name in ('--out', '--to_torch', '--num_classes', '--dataset', '--step', '--[no]overwrite'):
+    assert any(line.startswith(f'  {name}:') for line in lines), name
+
+
+def test_dashed_flags_of_the_argparse_release_work_with_one_deprecation_line(tmp_path):
+  state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(SMALL_ARCH), seed=11)
+  torch.save(state, tmp_path / 'best.pth')
+  converted = _run_cli(str(tmp_path / 'best.pth'), f'--out={tmp_path / "c"}', '--num-classes=7')
+  assert converted.returncode == 0, converted.stderr
+  assert converted.stderr.splitlines() == ['warning: --num-classes is deprecated; use --num_classes']
+  # The value is applied, not dropped: a wrong class count is still caught.
+  wrong = _run_cli(str(tmp_path / 'best.pth'), f'--out={tmp_path / "d"}', '--num-classes=21')
+  assert wrong.returncode == 1
+  assert wrong.stderr.splitlines()[0] == 'warning: --num-classes is deprecated; use --num_classes'
+  assert 'class-count mismatch' in wrong.stderr and '--num_classes=21' in wrong.stderr
+  # --to-torch with its value as the next argument, as argparse took it.
+  exported = _run_cli('--to-torch', str(tmp_path / 'c'), f'--out={tmp_path / "back.pth"}')
+  assert exported.returncode == 0, exported.stderr
+  assert exported.stderr.splitlines() == ['warning: --to-torch is deprecated; use --to_torch']
+  back = torch.load(tmp_path / 'back.pth', weights_only=True)
+  assert all(torch.equal(back[key], value) for key, value in state.items()
+             if not key.endswith('num_batches_tracked'))
+
+
+def _truncated_checkpoint(tmp_path) -> str:
+  torch.save({'conv1.weight': torch.ones(8, 3, 7, 7)}, tmp_path / 'whole.pth')
+  data = (tmp_path / 'whole.pth').read_bytes()
+  (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+  return str(tmp_path / 'cut.pth')
+
+
+@pytest.mark.parametrize('make_input, fragment', [
+    (lambda tmp_path: str(tmp_path / 'notes.txt'), 'not a PyTorch checkpoint (torch.load failed: '),
+    (_truncated_checkpoint, 'a damaged or truncated PyTorch checkpoint'),
+    (lambda tmp_path: str(tmp_path / 'absent.pth'), 'no such file'),
+])
+def test_a_bad_input_file_is_one_line_naming_it_without_torch_advice(tmp_path, make_input, fragment):
+  (tmp_path / 'notes.txt').write_text('these are notes, not weights\n')
+  source = make_input(tmp_path)
+  result = _run_cli(source, f'--out={tmp_path / "out"}')
+  assert result.returncode == 1
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {source}: '), result.stderr
+  assert fragment in lines[0]
+  assert 'weights_only' not in result.stderr and 'Traceback' not in result.stderr
+  assert not (tmp_path / 'out').exists()
+
+
+def _without_root_override() -> list[str]:
+  """A command prefix under which permission bits hold, also for root (CI runs as root)."""
+  if os.geteuid() != 0:
+    return []
+  if shutil.which('setpriv') is None:
+    pytest.skip('running as root without setpriv: a read-only folder cannot be made')
+  return ['setpriv', '--bounding-set=-dac_override,-dac_read_search']
+
+
+def test_out_in_a_read_only_folder_is_one_line_and_writes_nothing(tmp_path):
+  torch.save(torch_reference.random_state_dict(torch_reference.backbone_shapes(SMALL_ARCH), seed=12),
+             tmp_path / 'r18.pth')
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  prefix = _without_root_override()
+  probe = subprocess.run([*prefix, sys.executable, '-c', f'open({str(read_only / "probe")!r}, "w")'],
+                         capture_output=True, check=False)
+  if probe.returncode == 0:
+    read_only.chmod(0o755)
+    pytest.skip('this file system lets the test write into a folder without write permission')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  for out in (read_only / 'r18', read_only / 'new' / 'deeper' / 'r18'):
+    result = subprocess.run([*prefix, sys.executable, '-m', 'uccl_jax.convert', str(tmp_path / 'r18.pth'),
+                             f'--out={out}'], capture_output=True, text=True, env=env, timeout=300,
+                            check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'error: --out={out}: cannot write'), result.stderr
+    assert 'Permission denied' in lines[0] and 'Traceback' not in result.stderr
+    assert os.listdir(read_only) == []
+  read_only.chmod(0o755)
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []
+
+
+def test_out_naming_an_existing_file_or_a_new_nested_folder(tmp_path, capsys, monkeypatch):
+  torch.save(torch_reference.random_state_dict(torch_reference.backbone_shapes(SMALL_ARCH), seed=13),
+             tmp_path / 'r18.pth')
+  (tmp_path / 'taken').write_text('mine')
+  _expect_one_line_error(capsys, [str(tmp_path / 'r18.pth'), f'--out={tmp_path / "taken"}'],
+                         f'--out={tmp_path / "taken"}: is a file, not a folder')
+  assert (tmp_path / 'taken').read_text() == 'mine'
+  # Folders above --out are created; a failure afterwards removes them again (no half-made tree).
+  nested = tmp_path / 'a' / 'b' / 'r18'
+  assert convert.main([str(tmp_path / 'r18.pth'), f'--out={nested}']) == 0
+  assert convert.is_converted(nested)
+  capsys.readouterr()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(convert.converted.json, 'dump', disk_full)  # fails after the weights are written
+  _expect_one_line_error(capsys, [str(tmp_path / 'r18.pth'), f'--out={tmp_path / "x" / "y" / "r18"}'],
+                         'cannot write', 'No space left on device')
+  assert not (tmp_path / 'x').exists()
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []

@@ -92,7 +92,31 @@ def test_cli_passes_on_the_synthetic_dataset_and_writes_a_preview(tmp_path):
   for name in classes.SYNTHETIC_NAMES:
     assert f' {name} ' in result.stdout
   grid = np.asarray(Image.open(preview))
-  assert grid.shape == (2 * 40 + 4, 5 * 40 + 4 * 4, 3)
+  assert grid.shape == (check.CAPTION_HEIGHT + 2 * 40 + 4, 5 * 40 + 4 * 4, 3)
+  header = grid[:check.CAPTION_HEIGHT]
+  for column in range(5):  # every column has its caption (dark text on white)
+    assert (header[:, column * 44:column * 44 + 40] < 100).any(), column
+  for gap in range(4):  # and the captions stay inside their columns
+    assert (header[:, gap * 44 + 40:gap * 44 + 44] == 255).all(), gap
+
+
+def test_caption_strip_draws_each_caption_in_its_column():
+  strip = check.caption_strip(check.PREVIEW_CAPTIONS, 60)
+  assert check.PREVIEW_CAPTIONS == ('crop', 'mask', 'weak', 'strong 1', 'strong 2')
+  assert strip.shape == (check.CAPTION_HEIGHT, 5 * 60 + 4 * 4, 3) and strip.dtype == np.uint8
+  columns = [strip[:, i * 64:i * 64 + 60] for i in range(5)]
+  assert all((c < 100).any() for c in columns)
+  assert not np.array_equal(columns[3], columns[4])  # 'strong 1' and 'strong 2' differ
+  assert not np.array_equal(columns[0], columns[1])
+
+
+def test_cli_help_exits_zero_with_the_examples_as_written():
+  for flag in ('--help', '-h', '--helpfull'):
+    result = _run_checker(flag)
+    assert result.returncode == 0, result.stderr
+    assert ('--config.data.root=/data/cityscapes \\\n      --preview=preview.png\n'
+            in result.stdout), result.stdout
+    assert '--preview' in result.stdout and '--log_level' in result.stdout
 
 
 def test_preview_outlines_cutmix_boxes(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m uccl_jax.convert --to-torch`: UniMatch layout, exact round trips torch -> JAX -> torch -> JAX."""
+"""`python -m uccl_jax.convert --to_torch`: UniMatch layout, exact round trips torch -> JAX -> torch -> JAX."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_round_trip_torch_to_jax_to_torch_is_exact(tmp_path, capsys):
   state = torch_reference.random_state_dict(torch_reference.state_dict_shapes(ARCH), seed=0)
   torch.save({'model': {f'module.{k}': v for k, v in state.items()}}, tmp_path / 'best.pth')
   assert convert.main([str(tmp_path / 'best.pth'), f'--out={tmp_path / "jax"}']) == 0
-  assert convert.main(['--to-torch', str(tmp_path / 'jax'), f'--out={tmp_path / "back.pth"}']) == 0
+  assert convert.main(['--to_torch', str(tmp_path / 'jax'), f'--out={tmp_path / "back.pth"}']) == 0
   assert 'wrote' in capsys.readouterr().out
 
   back = torch.load(tmp_path / 'back.pth', weights_only=True)
@@ -82,7 +82,7 @@ def test_trained_run_checkpoint_round_trips_through_torch_with_identical_outputs
       {k: v.numpy() for k, v in start.items()}, model))
 
   exported = tmp_path / 'exported.pth'
-  assert convert.main(['--to-torch', run, f'--out={exported}']) == 0
+  assert convert.main(['--to_torch', run, f'--out={exported}']) == 0
   assert f'{run}/checkpoints/3' in capsys.readouterr().out
   torch_state = torch.load(exported, weights_only=True)
   # The tensors are the checkpoint's arrays, transposed to PyTorch's layout, bit for bit.
@@ -98,7 +98,7 @@ def test_trained_run_checkpoint_round_trips_through_torch_with_identical_outputs
   assert torch_reference.relative_error(jax_outputs['logits'], reference['logits']) < 1e-4
 
   # And back to JAX: identical variables, identical outputs.
-  assert convert.main([str(exported), f'--out={tmp_path / "again"}', '--num-classes=7']) == 0
+  assert convert.main([str(exported), f'--out={tmp_path / "again"}', '--num_classes=7']) == 0
   again, _ = convert.load_model_variables(tmp_path / 'again', model)
   assert jax.tree.structure(again) == jax.tree.structure(trained)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(trained)):
@@ -121,7 +121,7 @@ def test_backbone_export_has_unimatch_pretrained_layout(tmp_path):
   state = torch_reference.random_state_dict(torch_reference.backbone_shapes(ARCH), seed=3)
   torch.save(state | {'fc.weight': torch.ones(2, 32), 'fc.bias': torch.ones(2)}, tmp_path / 'r18.pth')
   assert convert.main([str(tmp_path / 'r18.pth'), f'--out={tmp_path / "r18"}']) == 0
-  assert convert.main(['--to-torch', str(tmp_path / 'r18'), f'--out={tmp_path / "r18-back.pth"}']) == 0
+  assert convert.main(['--to_torch', str(tmp_path / 'r18'), f'--out={tmp_path / "r18-back.pth"}']) == 0
   back = torch.load(tmp_path / 'r18-back.pth', weights_only=True)
   assert set(back) == set(state)  # no 'backbone.' prefix, the ImageNet fc stays dropped
   assert all(torch.equal(back[k], v) for k, v in state.items() if not k.endswith('num_batches_tracked'))
@@ -135,10 +135,10 @@ def test_export_errors_are_one_line_and_never_overwrite(tmp_path, capsys):
   assert convert.main([str(tmp_path / 'r18.pth'), f'--out={tmp_path / "r18"}']) == 0
   capsys.readouterr()
   for argv, fragment in (
-      (['--to-torch', str(tmp_path / 'r18'), f'--out={existing}'], 'already exists'),
-      (['--to-torch', str(tmp_path / 'nothing'), f'--out={tmp_path / "x.pth"}'], 'no such folder'),
-      (['--to-torch', str(tmp_path), f'--out={tmp_path / "x.pth"}'], 'not a run folder'),
-      (['--to-torch', str(tmp_path / 'r18'), str(tmp_path / 'r18.pth'), f'--out={tmp_path / "x.pth"}'],
+      (['--to_torch', str(tmp_path / 'r18'), f'--out={existing}'], 'already exists'),
+      (['--to_torch', str(tmp_path / 'nothing'), f'--out={tmp_path / "x.pth"}'], 'no such folder'),
+      (['--to_torch', str(tmp_path), f'--out={tmp_path / "x.pth"}'], 'not a run folder'),
+      (['--to_torch', str(tmp_path / 'r18'), str(tmp_path / 'r18.pth'), f'--out={tmp_path / "x.pth"}'],
        'not both'),
   ):
     assert convert.main(argv) == 1

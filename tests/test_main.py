@@ -16,8 +16,10 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,6 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The tiny network and run shared by every end-to-end test (same program, one compilation).
 TINY_FLAGS = (
+    '--config.model.pretrained=none',  # the demo's source-domain backbone is pretrained elsewhere
     '--config.data.crop_size=33',
     '--config.model.width=4',
     '--config.model.head_channels=8',
@@ -102,6 +105,16 @@ def tiny_run_flags(dataset: pathlib.Path, workdir: pathlib.Path, *extra: str,
           *TINY_FLAGS, *extra]
 
 
+_LOG_LINE = re.compile(r'^[DIWEF]\d{4} [\d:.]+\s+\d+ ([^:\]]+):\d+\] ')
+
+
+def foreign_log_lines(stderr: str) -> list[str]:
+  """absl-format log lines on stderr whose source file is not one of uccl_jax's."""
+  own = {path.name for path in (REPO / 'uccl_jax').rglob('*.py')}
+  return [line for line in stderr.splitlines()
+          if (match := _LOG_LINE.match(line)) and match.group(1) not in own]
+
+
 def eval_miou_line(stdout: str) -> str:
   lines = [line for line in stdout.splitlines() if line.strip()]
   assert lines and re.fullmatch(r'mIoU: \d+\.\d\d', lines[-1]), stdout
@@ -114,6 +127,7 @@ def eval_miou_line(stdout: str) -> str:
 def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, four_step_run, tmp_path):
   workdir, proc = four_step_run
   check_ok(proc)
+  assert not foreign_log_lines(proc.stderr), proc.stderr  # orbax logs every save at INFO
 
   # Checkpoints every 2 steps and at each epoch end (2 steps per epoch); newest 2 kept.
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
@@ -144,6 +158,13 @@ def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, fou
   assert 'pole' in proc.stdout and 'checkpoint' in proc.stdout
   after = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if p.is_file()}
   assert before == after  # evaluation writes nothing into the run folder
+  assert not foreign_log_lines(proc.stderr), proc.stderr
+  # --log_level brings the libraries' lines back (the default above hid them).
+  proc = run_main(f'--config=configs/synthetic.py', f'--workdir={workdir}',
+                  f'--config.data.root={tiny_dataset}', *TINY_FLAGS, '--mode=eval',
+                  '--log_level=warning')
+  check_ok(proc)
+  assert 'Given directory is read only' in proc.stderr and foreign_log_lines(proc.stderr)
 
   # A step folder given directly, and a step that does not exist.
   proc = run_main(f'--config=configs/synthetic.py', f'--workdir={tmp_path / "elsewhere"}',
@@ -168,7 +189,12 @@ def _prior_run_folder(path: pathlib.Path) -> dict[pathlib.Path, bytes]:
 @pytest.mark.parametrize('flags, message', [
     (('--config.data.root=/nonexistent/dataset',), r'data\.root: dataset folder /nonexistent/dataset does not exist'),
     (('--config.train.bogus=1',), r'bogus'),
-    (('--config.train.batch_size=four',), r'batch_size'),
+    (('--config.train.batch_sise=4',),
+     r'^error: --config\.train\.batch_sise: no such config field \(did you mean batch_size\?\)$'),
+    (('--config.train.batch_size=four',),
+     r'^error: --config\.train\.batch_size=four: wrong type for this config field'),
+    (('--config=cityscapes.yaml',), r'^error: --config=cityscapes\.yaml: configs here are Python '
+                                    r'files \(configs/\*\.py\).*docs/UNIMATCH_CONFIG\.md'),
     (('--config.train.batch_size=6',), r'train\.batch_size=6 must be divisible by the number of devices \(4\)'),
     (('--config.eval.mode=whole',), r"eval\.mode='whole'"),
     (('--config=configs/nothere.py',), r'configs/nothere\.py'),
@@ -185,3 +211,76 @@ def test_bad_inputs_give_one_line_and_keep_the_run_folder(tiny_dataset, tmp_path
   assert re.search(message, error_line(proc)), proc.stderr
   after = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
   assert after == before
+
+
+def _unwritable_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A folder this process cannot write in: chmod 555, or (root ignores modes) sysfs."""
+  if os.geteuid() == 0:
+    return pathlib.Path('/sys')
+  folder = tmp_path / 'read_only'
+  folder.mkdir()
+  folder.chmod(0o555)
+  return folder
+
+
+def test_a_workdir_that_cannot_be_a_run_folder_is_one_line(tiny_dataset, tmp_path):
+  afile = tmp_path / 'afile'
+  afile.write_text('not a run folder')
+  locked = _unwritable_folder(tmp_path)
+  cases = [(afile, rf'^error: --workdir={afile}: is a file, not a folder; choose another --workdir$'),
+           (afile / 'run', rf'^error: --workdir={afile}/run: cannot be created, {afile} is a file'),
+           (locked / 'run', rf'^error: --workdir={locked}/run: cannot write in {locked} \(.+\); '
+                            r'choose a writable --workdir$')]
+  for workdir, message in cases:
+    proc = run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
+                    f'--config.data.root={tiny_dataset}', *TINY_FLAGS, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
+    assert re.search(message, error_line(proc)), proc.stderr
+  assert afile.read_text() == 'not a run folder' and list(tmp_path.iterdir()) == [afile] + (
+      [] if locked == pathlib.Path('/sys') else [locked])
+  proc = run_main('--config=configs/synthetic.py', f'--workdir={afile}', '--mode=eval', timeout=120)
+  assert re.search(rf'^error: --workdir={afile}: is a file, not a run folder$', error_line(proc))
+
+
+def test_an_unwritable_path_in_the_run_folder_is_one_line(tiny_dataset, tmp_path):
+  workdir = tmp_path / 'run'
+  (workdir / 'metrics.jsonl').mkdir(parents=True)  # the run cannot append its metrics
+  proc = run_main(*tiny_run_flags(tiny_dataset, workdir, '--config.train.max_steps=2'), timeout=300)
+  assert error_line(proc) == (f'error: {workdir}/metrics.jsonl: Is a directory (in --workdir={workdir}: '
+                              'make it writable or choose another --workdir)')
+  assert proc.stderr.count('\n') == 1, proc.stderr
+  assert not [p for p in workdir.rglob('*') if p.is_file()]  # nothing written
+
+
+def test_help_exits_zero_with_the_examples_as_written():
+  for flag in ('--help', '-h', '--helpfull'):
+    proc = subprocess.run([sys.executable, '-m', 'uccl_jax.main', flag], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert ('--workdir=runs/cs_1_8 \\\n      --config.data.root=/data/cityscapes\n'
+            in proc.stdout), proc.stdout
+    assert '--log_level' in proc.stdout and '--mode' in proc.stdout
+
+
+def test_a_second_ctrl_c_ends_in_one_line_interrupted(tiny_dataset, tmp_path):
+  """The first SIGINT asks the loop to save and stop; the next ones must end it as `interrupted`."""
+  workdir = tmp_path / 'run'
+  with subprocess.Popen([sys.executable, '-m', 'uccl_jax.main',
+                         *tiny_run_flags(tiny_dataset, workdir)], cwd=REPO, env=cli_env(),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    try:
+      for line in proc.stdout:
+        if line.startswith('step 1'):  # compiled and stepping: the loop's handler is installed
+          break
+      sent = 0
+      while proc.poll() is None and sent < 100:
+        proc.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.2)
+      _, stderr = proc.communicate(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert sent >= 2
+  assert proc.returncode == 130, stderr
+  assert stderr.splitlines() == ['interrupted'], stderr

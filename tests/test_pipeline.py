@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
+from uccl_jax import parallel
 from uccl_jax.data import pipeline
 from uccl_jax.data import transforms
 
@@ -221,7 +222,9 @@ def test_workers_default_to_this_process_share_of_the_cpus(monkeypatch):
 
 
 def test_batch_size_must_divide_by_process_count():
-  with pytest.raises(pipeline.PipelineError, match='train.batch_size'):
+  # The check is parallel.check_batch_size's, the one place for it.
+  with pytest.raises(parallel.BatchSizeError,
+                     match=r'train\.batch_size=6 must be divisible by the number of processes \(4\)'):
     _maker(global_batch=6, process_count=4)
 
 
@@ -252,7 +255,7 @@ def test_make_train_iterator_on_a_folder_dataset(cityscapes_config):
 
 
 def test_make_train_iterator_rejects_indivisible_batch(cityscapes_config):
-  with pytest.raises(pipeline.PipelineError, match='train.batch_size=4'):
+  with pytest.raises(parallel.BatchSizeError, match='train.batch_size=4'):
     pipeline.make_train_iterator(cityscapes_config, process_index=0, process_count=3)
 
 

@@ -93,9 +93,11 @@ def test_cli_writes_palette_masks_overlays_and_confidence(tmp_path, weights):
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(
       [sys.executable, '-m', 'uccl_jax.predict', *CONFIG_FLAGS, f'--checkpoint={converted}',
-       f'--images={tmp_path / "images"}', f'--out={out}', '--save-probs'],
+       f'--images={tmp_path / "images"}', f'--out={out}', '--save_probs'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr
+  assert 'Traceback' not in result.stderr and 'warning' not in result.stderr
+  assert 'read only' not in result.stderr  # orbax's log lines stay off the console
   assert 'predicting 5 images' in result.stderr and '2 devices' in result.stderr
   assert '5/5' in result.stderr  # the progress bar's last state
 
@@ -180,11 +182,16 @@ def _one_line_error(capsys, *flags: str) -> str:
   return err
 
 
+def _one_black_image(folder):
+  """`folder` with one black 20 x 24 PNG, x.png, in it."""
+  folder.mkdir()
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / 'x.png')
+  return folder
+
+
 def test_errors_are_one_line_and_existing_outputs_are_kept(tmp_path, weights, capsys):
   _, converted = weights
-  images = tmp_path / 'images'
-  images.mkdir()
-  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(images / 'x.png')
+  images = _one_black_image(tmp_path / 'images')
   out = tmp_path / 'out'
   base = (*CONFIG_FLAGS, f'--images={images}', f'--out={out}')
   cwd = os.getcwd()
@@ -212,3 +219,65 @@ def test_errors_are_one_line_and_existing_outputs_are_kept(tmp_path, weights, ca
     assert (out / 'masks' / 'x.png').read_bytes() == b'earlier result'
   finally:
     os.chdir(cwd)
+
+
+def _in_repo(function):
+  """Runs `function()` with the repository as the working directory (the config paths are relative)."""
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    return function()
+  finally:
+    os.chdir(cwd)
+
+
+def test_every_image_is_decoded_before_the_first_write(tmp_path, weights, capsys):
+  """A truncated PNG sorted after good images: one line naming it, and no output at all."""
+  _, converted = weights
+  images = tmp_path / 'images'
+  images.mkdir()
+  rng = np.random.default_rng(3)
+  for name in ('a', 'b', 'c'):
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(images / f'{name}.png')
+  data = (images / 'b.png').read_bytes()
+  (images / 'b.png').write_bytes(data[:len(data) // 2])  # the header is intact, the pixels are not
+  with Image.open(images / 'b.png') as header_only:
+    assert header_only.size == (32, 24)  # a header check alone would pass it
+  out = tmp_path / 'out'
+  err = _in_repo(lambda: _one_line_error(capsys, *CONFIG_FLAGS, f'--checkpoint={converted}',
+                                         f'--images={images}', f'--out={out}', '--save_probs'))
+  assert err.startswith(f'error: {images / "b.png"}: not a readable image ('), err
+  assert not out.exists()
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, weights, capsys):
+  _, converted = weights
+  images = _one_black_image(tmp_path / 'images')
+  afile = tmp_path / 'afile'
+  afile.write_bytes(b'keep')
+  locked = '/sys' if os.geteuid() == 0 else str(tmp_path / 'locked')
+  if locked != '/sys':
+    os.mkdir(locked, 0o555)
+  base = (*CONFIG_FLAGS, f'--checkpoint={converted}', f'--images={images}')
+  err = _in_repo(lambda: _one_line_error(capsys, *base, f'--out={afile}'))
+  assert err == f'error: --out={afile}: is a file, not a folder; choose another --out\n'
+  err = _in_repo(lambda: _one_line_error(capsys, *base, f'--out={locked}/predictions'))
+  assert err.startswith(f'error: --out={locked}/predictions: cannot write in {locked} (')
+  assert afile.read_bytes() == b'keep' and not os.path.exists(f'{locked}/predictions')
+
+
+def test_old_dashed_spelling_warns_once_and_help_exits_zero(tmp_path, weights, capsys):
+  _, converted = weights
+  status = _in_repo(lambda: predict.main([*CONFIG_FLAGS, f'--checkpoint={converted}',
+                                          f'--images={tmp_path / "none"}', f'--out={tmp_path / "o"}',
+                                          '--save-probs']))
+  assert status == 1
+  assert capsys.readouterr().err.splitlines() == [
+      'warning: --save-probs is deprecated; use --save_probs',
+      f'error: --images={tmp_path / "none"}: no images found (extensions: '
+      f'{" ".join(predict.IMAGE_EXTENSIONS)})']
+  for flag in ('--help', '-h', '--helpfull'):
+    assert predict.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert "--workdir=runs/demo \\\n      --images='photos/*.png'" in out
+    assert '--save_probs' in out and '--log_level' in out

@@ -20,7 +20,7 @@ from uccl_jax.reporting import ReportingError, RunReporter, read_metrics
 def train_metrics(step, **overrides):
   metrics = {'loss': jnp.float32(1.0 / step), 'loss_x': np.float32(0.5), 'loss_s': 0.25,
              'loss_fp': 0.125, 'loss_sbu': jnp.asarray(0.01), 'loss_ckr': 0.02, 'lr': 1e-3,
-             'mask_ratio': 0.75, 'step_time': 0.5}
+             'mask_ratio': 0.75, 'grad_norm': 2.0, 'step_time': 0.5}
   metrics.update(overrides)
   return metrics
 
@@ -57,24 +57,55 @@ def test_missing_training_field_is_one_clear_error(tmp_path):
       reporter.log_train(3, metrics)
 
 
-def test_resume_appends_and_read_metrics_replays_one_run(tmp_path):
+def test_resume_drops_the_steps_it_recomputes_so_each_step_is_written_once(tmp_path):
   with RunReporter(tmp_path, total_steps=6, console='off', tensorboard=False) as reporter:
     for step in range(1, 6):
       reporter.log_train(step, train_metrics(step))
+    reporter.log_eval(3, 9.0, {'road': 9.0})
     reporter.log_eval(4, 10.0, {'road': 10.0})
-  before = (tmp_path / 'metrics.jsonl').read_bytes()
+  lines = (tmp_path / 'metrics.jsonl').read_bytes().splitlines(keepends=True)
+  kept = b''.join(lines[:3] + lines[5:6])  # steps 1-3 and the eval at 3
   # Checkpoint at step 3; steps 4-5 and the eval at 4 are recomputed by the resumed run.
   with RunReporter(tmp_path, total_steps=6, start_step=3, console='off',
                    tensorboard=False) as reporter:
+    assert reporter.dropped_records == 3
+    assert (tmp_path / 'metrics.jsonl').read_bytes().startswith(kept)  # the rest, byte for byte
     for step in range(4, 7):
       reporter.log_train(step, train_metrics(step, loss=100.0 + step))
-  after = (tmp_path / 'metrics.jsonl').read_bytes()
-  assert after.startswith(before)  # nothing written before is lost
-  records = read_metrics(tmp_path / 'metrics.jsonl')
-  assert [(r['kind'], r['step']) for r in records] == (
-      [('train', s) for s in (1, 2, 3)] + [('resume', 3)] + [('train', s) for s in (4, 5, 6)])
-  assert [r['loss'] for r in read_metrics(tmp_path / 'metrics.jsonl', kind='train')][3:] == [
-      104.0, 105.0, 106.0]
+  assert not list(tmp_path.glob('*.tmp'))
+  raw = strict_json_lines(tmp_path / 'metrics.jsonl')
+  assert [(r['kind'], r['step']) for r in raw] == (
+      [('train', s) for s in (1, 2, 3)] + [('eval', 3), ('resume', 3)]
+      + [('train', s) for s in (4, 5, 6)])
+  assert read_metrics(tmp_path / 'metrics.jsonl') == raw
+  assert [r['loss'] for r in raw if r['kind'] == 'train'][3:] == [104.0, 105.0, 106.0]
+
+
+def test_a_start_over_without_checkpoint_drops_the_earlier_attempt(tmp_path):
+  with RunReporter(tmp_path, total_steps=6, console='off', tensorboard=False) as reporter:
+    reporter.write_config(ml_collections.ConfigDict({'lr': 1.0}))
+    reporter.log_train(1, train_metrics(1))
+    reporter.log_train(2, train_metrics(2))
+  with RunReporter(tmp_path, total_steps=6, console='off', tensorboard=False) as reporter:
+    assert reporter.dropped_records == 2
+    assert (tmp_path / 'metrics.jsonl').read_bytes() == b''
+    # The earlier attempt's config is replaced: its steps are redone with this one.
+    assert reporter.write_config(ml_collections.ConfigDict({'lr': 2.0})) == tmp_path / 'config.json'
+    reporter.log_train(1, train_metrics(1, loss=7.0))
+  assert [(r['step'], r['loss']) for r in strict_json_lines(tmp_path / 'metrics.jsonl')] == [(1, 7.0)]
+  assert json.loads((tmp_path / 'config.json').read_text()) == {'lr': 2.0}
+  assert not list(tmp_path.glob('config.step_*'))
+
+
+def test_truncate_metrics_keeps_the_file_when_nothing_goes(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  assert reporting.truncate_metrics(path, 3) == 0 and not path.exists()
+  path.write_bytes(b'{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n')
+  before = path.stat().st_mtime_ns, path.stat().st_ino
+  assert reporting.truncate_metrics(path, 2) == 0
+  assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
+  assert reporting.truncate_metrics(path, 1) == 1
+  assert path.read_bytes() == b'{"kind": "train", "step": 1}\n'
 
 
 def test_line_cut_off_by_a_crash_is_skipped_and_corruption_is_named(tmp_path):
@@ -87,7 +118,7 @@ def test_line_cut_off_by_a_crash_is_skipped_and_corruption_is_named(tmp_path):
   with RunReporter(tmp_path, total_steps=6, start_step=1, console='off',
                    tensorboard=False) as reporter:
     reporter.log_train(2, train_metrics(2))
-  assert [(r['kind'], r['step']) for r in read_metrics(path)] == [
+  assert [(r['kind'], r['step']) for r in strict_json_lines(path)] == [  # the cut line is gone
       ('train', 1), ('resume', 1), ('train', 2)]
   lines = path.read_text().splitlines()
   assert json.loads(lines[-1])['step'] == 2
@@ -129,6 +160,22 @@ def test_tensorboard_scalars_read_back(tmp_path):
   assert scalars[('eval/IoU/traffic_light', 2)] == 3.0
 
 
+def test_a_resumed_run_is_one_tensorboard_run_without_the_recomputed_points(tmp_path):
+  with RunReporter(tmp_path, total_steps=6, console='off') as reporter:
+    for step in range(1, 6):
+      reporter.log_train(step, train_metrics(step))
+  with RunReporter(tmp_path, total_steps=6, start_step=3, console='off') as reporter:
+    for step in range(4, 7):
+      reporter.log_train(step, train_metrics(step, loss=100.0 + step))
+  # One folder (one run in TensorBoard); the second writer's purge_step=4 drops steps 4-5 of the
+  # first, as TensorBoard does when it reads the folder.
+  assert [p.parent for p in (tmp_path / 'tensorboard').rglob('events.out.tfevents.*')] == [
+      tmp_path / 'tensorboard'] * 2
+  curves = reporting.read_tensorboard_scalars(tmp_path / 'tensorboard')
+  assert curves['train/loss'] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 104.0),
+                                  (5, 105.0), (6, 106.0)]
+
+
 def test_only_the_main_process_writes(tmp_path, capsys):
   workdir = tmp_path / 'run'
   with RunReporter(workdir, total_steps=10, is_main=False, console='lines') as reporter:
@@ -140,7 +187,7 @@ def test_only_the_main_process_writes(tmp_path, capsys):
   assert capsys.readouterr() == ('', '')
 
 
-def test_config_written_once_and_never_overwritten(tmp_path):
+def test_config_written_once_and_never_overwritten_on_resume(tmp_path):
   config = ml_collections.ConfigDict({'train': {'lr': 0.001, 'epochs': 80}, 'crop': (321, 321)})
   with RunReporter(tmp_path, total_steps=10, console='off', tensorboard=False) as reporter:
     assert reporter.write_config(config) == tmp_path / 'config.json'
@@ -162,9 +209,53 @@ def test_console_lines_show_losses_and_eta(tmp_path, capsys):
     reporter.log_eval(20, 12.345, {'road': 1.0}, table='mIoU: 12.35')
   out = capsys.readouterr().out.splitlines()
   assert out[0] == ('step 10/100 | loss 0.1 x 0.5 s 0.25 fp 0.125 sbu 0.01 ckr 0.02 mask 0.75 '
-                    'lr 0.001 | 0.5 s/step | ETA ?')
+                    'lr 0.001 grad 2 | 0.5 s/step | ETA ?')
   assert out[1].startswith('step 20/100') and 'ETA 0:00:0' in out[1]
   assert out[-1] == 'mIoU: 12.35'
+
+
+def test_without_a_terminal_auto_prints_plain_lines_not_a_bar(tmp_path, capsys):
+  # Under pytest's capture neither stream is a terminal, as in CI or a SLURM log file.
+  with RunReporter(tmp_path, total_steps=20, tensorboard=False) as reporter:
+    reporter.advance(5)
+    reporter.log_train(10, train_metrics(10))
+    reporter.log_train(20, train_metrics(20))
+  out, err = capsys.readouterr()
+  assert '\r' not in out + err and err == ''
+  assert [line.split(' | ')[0] for line in out.splitlines()] == ['step 10/20', 'step 20/20']
+
+
+def test_eta_counts_the_evaluations_still_to_come_at_their_measured_time(tmp_path, monkeypatch):
+  clock = [1000.0]
+  monkeypatch.setattr(reporting.time, 'time', lambda: clock[0])
+  with RunReporter(tmp_path, total_steps=100, console='off', tensorboard=False) as reporter:
+    reporter.schedule_evaluations([50, 100])
+    reporter.log_train(10, train_metrics(10))
+    clock[0] += 40.0  # steps 11-50: 1 s each
+    reporter.log_train(50, train_metrics(50))
+    # 50 steps and 2 evaluations to go, none timed yet.
+    assert reporter.eta(50) == '0:00:50 +2 eval'
+    clock[0] += 30.0
+    reporter.log_eval(50, 1.0, {'road': 1.0}, seconds=30.0)
+    clock[0] += 10.0  # steps 51-60
+    reporter.log_train(60, train_metrics(60))
+    # 40 steps at 1 s (the evaluation's 30 s are not steps) + 1 evaluation of 30 s.
+    assert reporter.eta(60) == '0:01:10'
+  evals = read_metrics(tmp_path / 'metrics.jsonl', kind='eval')
+  assert evals[0]['eval_seconds'] == 30.0
+
+
+def test_the_legend_names_every_metric_of_the_one_list():
+  from uccl_jax import step  # pylint: disable=g-import-not-at-top
+  text = reporting.legend()
+  for name, short, meaning in step.METRICS:
+    assert f' {short} ' in text and meaning in text and f'[{name}]' in text
+  assert 'x    = labeled loss: cross-entropy (or OHEM' in text
+  assert reporting.TRAIN_KEYS == step.METRIC_NAMES + ('step_time',)
+  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  width = max(len(short) for _, short, _ in step.METRICS)
+  for _, short, meaning in step.METRICS:  # the README's legend is this one
+    assert f'  {short:<{width}} = {meaning}\n' in readme, short
 
 
 def test_console_bar_shows_progress_and_summary(tmp_path, capsys):
@@ -173,7 +264,7 @@ def test_console_bar_shows_progress_and_summary(tmp_path, capsys):
     reporter.advance(45)
     reporter.log_train(50, train_metrics(50))
   err = capsys.readouterr().err
-  assert '50/100' in err and 'loss 0.02 ' in err and 'mask 0.75 ' in err
+  assert '50/100' in err and 'loss 0.02 ' in err and 'mask 0.75 ' in err and 'ETA ' in err
 
 
 def test_no_torch_or_tensorflow_at_run_time(tmp_path):

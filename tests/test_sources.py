@@ -254,6 +254,73 @@ def test_bad_record_errors_name_the_file_and_the_split_line(tmp_path, problem):
   assert text.endswith(f'(named in {_split_line_of(tree, image_rel)})')
 
 
+def _three_sources(config):
+  return [sources.make_source(config, split) for split in sources.SPLITS]
+
+
+def test_check_files_exist_names_the_first_missing_files_with_split_file_and_line(tmp_path):
+  tree = data_fixtures.make_cityscapes_tree(tmp_path, n_train=6, num_labeled=2, n_val=2,
+                                            size=(8, 16), messy=True)
+  config = data_fixtures.data_config(tree, 'cityscapes')
+  sources.check_files_exist(_three_sources(config))  # all there: nothing raised
+  last_unlabeled, last_unlabeled_mask = tree['train_lines'][-1]
+  (tree['root'] / last_unlabeled).unlink()
+  (tree['root'] / last_unlabeled_mask).unlink()  # unlabeled masks are never read: not reported
+  val_image, val_mask = tree['val_lines'][0]
+  (tree['root'] / val_mask).unlink()
+  with pytest.raises(sources.DataError) as raised:
+    sources.check_files_exist(_three_sources(config))
+  text = str(raised.value)
+  line = {e.image: e.line for e in sources.read_split_file(tree['unlabeled'])}[last_unlabeled]
+  val_line = {e.image: e.line for e in sources.read_split_file(tree['val'])}[val_image]
+  assert text == (f'2 files named in the data lists are missing: '
+                  f'{tree["root"] / last_unlabeled}: image file not found (named in '
+                  f'{tree["unlabeled"]}:{line}); {tree["root"] / val_mask}: mask file not found '
+                  f'(named in {tree["val"]}:{val_line})')
+
+
+def test_check_files_exist_accepts_label_ids_and_caps_the_list(tmp_path):
+  tree = data_fixtures.make_cityscapes_tree(tmp_path, n_train=8, num_labeled=6, n_val=1,
+                                            size=(8, 16), label_files='label_ids')
+  config = data_fixtures.data_config(tree, 'cityscapes')
+  sources.check_files_exist(_three_sources(config))  # labelIds stand in for labelTrainIds
+  for image, _ in tree['train_lines']:
+    (tree['root'] / image).unlink()
+  with pytest.raises(sources.DataError, match=r'^8 files named .*; .*; .* \(and 5 more\)$'):
+    sources.check_files_exist(_three_sources(config))
+
+
+def test_check_files_exist_lists_each_folder_once(tmp_path, monkeypatch):
+  """Cityscapes-sized lists (3,475 lines over 21 city folders) cost one listing per folder."""
+  root = tmp_path / 'cityscapes'
+  lines = {'labeled': [], 'unlabeled': [], 'val': []}
+  for index in range(3475):
+    split = 'val' if index >= 2975 else ('labeled' if index < 186 else 'unlabeled')
+    folder = 'val' if split == 'val' else 'train'
+    city = f'city{index % 18 if folder == "train" else index % 3}'
+    image = f'leftImg8bit/{folder}/{city}/{city}_{index:06d}_leftImg8bit.png'
+    mask = f'gtFine/{folder}/{city}/{city}_{index:06d}_gtFine_labelTrainIds.png'
+    for name in (image, mask):
+      (root / name).parent.mkdir(parents=True, exist_ok=True)
+      (root / name).touch()
+    lines[split].append((image, mask))
+  tree = {'root': root, 'num_classes': 19}
+  for split, split_lines in lines.items():
+    tree[split] = data_fixtures.write_split_file(tmp_path / f'{split}.txt', split_lines)
+  config = data_fixtures.data_config(tree, 'cityscapes')
+  listed = _three_sources(config)
+  scans = []
+  real_scandir = sources.os.scandir
+  monkeypatch.setattr(sources.os, 'scandir', lambda path: scans.append(path) or real_scandir(path))
+  import time  # pylint: disable=g-import-not-at-top
+  began = time.perf_counter()
+  sources.check_files_exist(listed)
+  seconds = time.perf_counter() - began
+  # 18 + 3 image folders, the same for masks; labeled and unlabeled share theirs.
+  assert len(scans) == len(set(scans)) == 42, scans
+  print(f'checked {sum(len(s) for s in listed)} lines in {seconds * 1000:.0f} ms')
+
+
 def test_labeled_list_without_masks_is_an_error(tmp_path):
   tree, config = _bad_input_config(tmp_path)
   only_images = tmp_path / 'images.txt'

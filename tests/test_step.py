@@ -90,7 +90,12 @@ def make_config(method='uccl', **train):
 
 def make_batch(seed=0, batch=BATCH, size=CROP):
   """A host batch in the pipeline's layout (uccl_jax.inputs): padding on the right, CutMix boxes,
-  strong-view parameters drawn by the pipeline's own function, ignored label pixels."""
+  strong-view parameters drawn by the pipeline's own function, ignored label pixels.
+
+  Not `uccl_jax.benchmark.random_inputs.random_batch`, although the layout is the same: the
+  numerical checks here and in test_parallel.py / test_recipes.py (gradients and parameter updates
+  equal to 1e-4 across meshes) have their tolerances set on these values; the benchmark's draws
+  (seeds 10, 11) put the sharded-versus-one-device update check of test_parallel.py over them."""
   rng = np.random.default_rng(seed)
 
   def images():

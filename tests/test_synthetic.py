@@ -79,7 +79,7 @@ def test_ensure_dataset_is_atomic_and_reuses_a_complete_copy(tmp_path, monkeypat
   stamp = (root / 'synthetic.json').stat().st_mtime_ns
   assert synthetic.ensure_dataset(root, seed=1, **SMALL) == root
   assert (root / 'synthetic.json').stat().st_mtime_ns == stamp
-  with pytest.raises(sources.DataError, match='generated with other settings'):
+  with pytest.raises(sources.DataError, match='made with other settings'):
     synthetic.ensure_dataset(root, seed=2, **SMALL)
   (tmp_path / 'other').mkdir()
   (tmp_path / 'other' / 'keep.txt').write_text('mine')

@@ -31,6 +31,10 @@ from orbax.checkpoint import checkpoint_managers
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 MIOU_KEY = 'miou'
+# The config fields that decide the saved arrays' shapes (the optimizer's state follows the
+# parameters; method, dtype, remat, output stride and dilations change no shape).
+SHAPE_FIELDS = ('model.backbone', 'model.width', 'model.head_channels', 'model.stem',
+                'data.num_classes')
 
 
 class _DropUnevaluatedWarning(logging.Filter):
@@ -75,7 +79,14 @@ def _decode_data_state(payload: dict[str, Any]) -> Any:
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-  """Writes `process_<i>-of-<n>.json` holding this process's iterator state."""
+  """Writes `process_<i>-of-<n>.json` holding this process's iterator state.
+
+  Restore works under any process count: the training iterator's state is the
+  step (`{'step': n}`, the same in every process; each process derives its own
+  share of a step from it), so every process reads the saved files, checks that
+  they all agree, and takes that state. Files that disagree (an iterator whose
+  state is per process) are a CheckpointError naming the folder.
+  """
 
   def save(self, directory: epath.Path, args: 'DataStateSave') -> None:
     index, count = jax.process_index(), jax.process_count()
@@ -83,14 +94,25 @@ class DataStateHandler(ocp.CheckpointHandler):
     path.write_text(json.dumps(_encode_data_state(args.state)))
 
   def restore(self, directory: epath.Path, args: 'DataStateRestore | None' = None) -> Any:
-    index, count = jax.process_index(), jax.process_count()
-    path = directory / f'process_{index}-of-{count}.json'
-    if not path.exists():
+    del args
+    files = sorted(directory.glob('process_*-of-*.json'))
+    counts = {p.name.rsplit('-of-', 1)[1][:-len('.json')] for p in files}
+    if not files or len(counts) != 1 or len(files) != int(counts.pop()):
       saved = sorted(p.name for p in directory.iterdir())
-      raise CheckpointError(
-          f'{directory}: no data-iterator state for process {index} of {count} '
-          f'(the checkpoint holds {saved}); resume with the process count it was written with')
-    return _decode_data_state(json.loads(path.read_text()))
+      raise CheckpointError(f'{directory}: incomplete data-iterator state (the checkpoint holds '
+                            f'{saved}: one process_<i>-of-<n>.json per process expected)')
+    states = {}
+    for path in files:
+      try:
+        states[path.name] = _decode_data_state(json.loads(path.read_text()))
+      except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{path}: unreadable data-iterator state ({e})') from None
+    first = next(iter(states.values()))
+    if any(state != first for state in states.values()):
+      shown = ', '.join(f'{name}: {state!r}' for name, state in states.items())
+      raise CheckpointError(f'{directory}: the processes saved different data-iterator states '
+                            f'({shown[:300]}); resume with the process count that wrote them')
+    return first
 
   def metadata(self, directory: epath.Path) -> None:
     del directory
@@ -252,31 +274,107 @@ class RunCheckpoints:
         }),
         metrics=metrics, force=True)
 
-  def restore(self, step: int, target: Any, *, with_data: bool = True) -> tuple[Any, Any]:
+  def restore(self, step: int, target: Any, *, with_data: bool = True,
+              config: Any = None) -> tuple[Any, Any]:
     """Restores (state, data_state) at `step` onto the shardings of `target`.
 
     `target` is a state pytree (arrays or `jax.ShapeDtypeStruct`s carrying the
     shardings the restored arrays should have). `with_data=False` skips the
-    iterator state (evaluation).
+    iterator state (evaluation). With `config`, its SHAPE_FIELDS are first
+    compared with the run's saved config.json (`check_config`).
+
+    Every failure is one CheckpointError naming the step folder: a config or
+    model whose array shapes differ from the saved ones (found from the
+    checkpoint's metadata, before any array is read), a damaged or truncated
+    checkpoint, an unreadable data state.
     """
     if step not in self._manager.all_steps():
       raise CheckpointError(f'{self.directory}: no checkpoint at step {step}')
+    if config is not None:
+      self.check_config(step, config)
+    self.check_shapes(step, target)  # also quiets orbax's leftovers of a damaged array's reads
     abstract = _abstract_keys_to_data(abstract_like(target))
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+    # Leaves without a sharding in `target` would take the saved one, which does not exist
+    # under another process or device count: they are replicated over every device instead.
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',)), jax.sharding.PartitionSpec())
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract, fallback_sharding=replicated)}
     if with_data:
       items[DATA_ITEM] = DataStateRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except CheckpointError:
       raise
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds for a damaged file
       raise CheckpointError(
-          f'{self.directory / str(step)}: cannot restore into this model/optimizer '
-          f'({first_line[:300]})') from e
+          f'{self.directory / str(step)}: cannot read this checkpoint ({_first_line(e)}); it is '
+          'damaged or incomplete: move that folder away to resume from the one before') from e
     state = _data_to_keys(restored[STATE_ITEM], target)
     data_state = restored[DATA_ITEM] if with_data else None
     return state, data_state
+
+  def saved_config(self) -> dict[str, Any] | None:
+    """The run's config.json (beside the checkpoints folder), or None when there is none."""
+    from uccl_jax import reporting  # pylint: disable=g-import-not-at-top
+    path = self.directory.parent / reporting.CONFIG_FILE
+    try:
+      return json.loads(path.read_text())
+    except (OSError, ValueError):
+      return None
+
+  def check_config(self, step: int, config: Any) -> None:
+    """CheckpointError naming the SHAPE_FIELDS where `config` differs from the run's config.json.
+
+    Without a readable config.json nothing is checked here (the shapes still are,
+    by `restore`).
+    """
+    saved = self.saved_config()
+    if saved is None:
+      return
+    differ = []
+    for name in SHAPE_FIELDS:
+      section, field = name.split('.')
+      if not isinstance(saved.get(section), dict) or field not in saved[section]:
+        continue
+      was = saved[section][field]
+      now = json.loads(json.dumps(_plain(config[section][field])))
+      if was != now:
+        differ.append((name, was, now))
+    if differ:
+      before = ', '.join(f'{name}={was}' for name, was, _ in differ)
+      after = ', '.join(f'{name}={now}' for name, _, now in differ)
+      raise CheckpointError(f'{self.directory / str(step)}: saved with {before}; the config says '
+                            f"{after} (use the run's config, or another --workdir)")
+
+  def check_shapes(self, step: int, target: Any) -> None:
+    """CheckpointError unless the saved arrays have `target`'s paths and shapes.
+
+    Reads the checkpoint's metadata only, no array. `target`: as for `restore`.
+    """
+    where = self.directory / str(step)
+    abstract = _abstract_keys_to_data(abstract_like(target))
+    _quiet_orbax_leftovers()
+    try:
+      saved = _shapes(self._manager.item_metadata(step)[STATE_ITEM].tree)
+    except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged checkpoint
+      raise CheckpointError(f'{where}: cannot read this checkpoint ({_first_line(e)}); it is damaged '
+                            'or incomplete: move that folder away to resume from the one '
+                            'before') from e
+    wanted = _shapes(abstract)
+    problems = [f'{key}: saved {saved[key]}, the model has {wanted[key]}'
+                for key in wanted if key in saved and saved[key] != wanted[key]]
+    problems += [f'{key}: not in the checkpoint' for key in wanted if key not in saved]
+    problems += [f'{key}: in the checkpoint, not in the model' for key in saved if key not in wanted]
+    if not problems:
+      return
+    fields = ''
+    config = self.saved_config()
+    if config is not None:
+      values = [f'{name}={config[name.split(".")[0]][name.split(".")[1]]}' for name in SHAPE_FIELDS
+                if name.split('.')[1] in config.get(name.split('.')[0], {})]
+      fields = f'; the run was saved with {", ".join(values)}'
+    raise CheckpointError(f'{where}: cannot restore into this model/optimizer: {len(problems)} '
+                          f'arrays differ (first: {problems[0]}){fields}')
 
   def wait(self) -> None:
     """Blocks until every pending asynchronous save is on disk."""
@@ -285,6 +383,65 @@ class RunCheckpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+  """The gist of an orbax/tensorstore error: its first line, without the spec dumps."""
+  text = str(error).strip()
+  line = text.splitlines()[0] if text else type(error).__name__
+  for noise in (' See full TensorStore details', ' [tensorstore_spec'):
+    line = line.split(noise)[0]
+  return line[:300]
+
+
+def _plain(value: Any) -> Any:
+  """A config value as JSON has it (tuples as lists, ConfigDicts as dicts)."""
+  if hasattr(value, 'to_dict'):
+    return value.to_dict()
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _key_name(entry: Any) -> str:
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'params/backbone/conv1/kernel' -> shape, for the arrays (or their metadata) of `tree`."""
+  return {'/'.join(_key_name(entry) for entry in path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class _OrbaxLeftovers:
+  """Drops the 'Event loop is closed' reports of reads still in flight when a restore fails.
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop
+  while tensorstore's other reads are finishing; each then reports through
+  `sys.unraisablehook` (a traceback on stderr, per array: hundreds of lines
+  around the one error that matters). This hook, installed by `restore`, drops
+  exactly those reports and passes everything else on.
+  """
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    value = unraisable.exc_value
+    name = getattr(unraisable.object, '__qualname__', '') or repr(unraisable.object)
+    if ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
+        or '_read_array_index_and_device_put' in name):
+      return
+    self.previous(unraisable)
+
+
+def _quiet_orbax_leftovers() -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  if not isinstance(sys.unraisablehook, _OrbaxLeftovers):
+    sys.unraisablehook = _OrbaxLeftovers(sys.unraisablehook)
 
 
 def locate(path: str | os.PathLike[str]) -> tuple[str, int | None]:

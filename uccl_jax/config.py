@@ -124,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000
   config.checkpoint.keep = 2
+  # Also save at the first logging step after this many minutes without a save, so a crash
+  # loses at most about that much (0: only the step-based saves).
+  config.checkpoint.every_minutes = 30.0
 
   return config
 

@@ -180,16 +180,21 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, *, grad_accum: int = 1,
+def check_batch_size(batch_size: int, mesh: Mesh | None, *, grad_accum: int = 1,
                      process_count: int | None = None) -> None:
   """Raises BatchSizeError (naming train.batch_size) if the batch cannot be split evenly.
 
   The global batch must divide over the processes (each reads its own share),
-  into `grad_accum` micro-batches, and each micro-batch over the mesh's devices.
+  into `grad_accum` micro-batches, and each micro-batch over the mesh's devices
+  (not checked when `mesh` is None: the input pipeline, which has no mesh). The
+  one place these are checked: the step (`step.make_train_step`), the loop and
+  the pipeline all call it.
   """
   if process_count is None:
     process_count = jax.process_count()
-  num_devices = data_parallel_size(mesh)
+  num_devices = 1 if mesh is None else data_parallel_size(mesh)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+    raise BatchSizeError(f'train.batch_size={batch_size!r} must be a positive integer')
   if batch_size < 1:
     raise BatchSizeError(f'train.batch_size={batch_size} must be positive')
   if grad_accum < 1:

@@ -1,14 +1,14 @@
-"""Colour masks, overlays and confidence maps for new images: `python -m uccl_jax.predict`.
+r"""Colour masks, overlays and confidence maps for new images: `python -m uccl_jax.predict`.
 
   python -m uccl_jax.predict --config=configs/cityscapes.py (--workdir=RUN | --checkpoint=DIR) \
-      --images=DIR_OR_GLOB --out=DIR [--mode=sliding_window|original] [--save-probs]
+      --images=DIR_OR_GLOB --out=DIR [--mode=sliding_window|original] [--save_probs]
 
 For every image (a folder is searched recursively; names keep their sub-folders):
   OUT/masks/<name>.png        predicted class per pixel, a palette PNG: the pixel values are the
                               class indices and the dataset's colour map is stored in the file,
                               so image viewers show colours and code reads classes directly
   OUT/overlays/<name>.jpg     the colours blended over the image
-  OUT/confidence/<name>.png   with --save-probs: the softmax confidence (max class probability)
+  OUT/confidence/<name>.png   with --save_probs: the softmax confidence (max class probability)
                               as 8-bit grey (255 = 1.0), and <name>.npy with it as float16;
                               dark regions are where the model is unsure, the pixels SBU trains
 
@@ -20,14 +20,22 @@ over all local devices (one XLA program per image size). 'sliding_window' is
 the evaluation protocol of uccl_jax.evaluate (windows of data.crop_size,
 probabilities summed), so the masks are exactly what evaluation scores.
 
+Example (the demo run of the README):
+  python -m uccl_jax.predict --config=configs/synthetic.py --workdir=runs/demo \
+      --images='photos/*.png' --out=predictions --save_probs
+
 Nothing already in OUT is overwritten unless --overwrite; every bad input
-(config, weights, an unreadable image) is one line on stderr, exit status 1,
-found before any file is written.
+(config, weights, an --out that is a file or cannot be written, an image that
+does not decode: every image is decoded once before the first write) is one
+line on stderr, exit status 1, found before any file is written. Library logs
+stay off the console unless --log_level asks for them. The dashed spelling
+--save-probs of earlier releases still works, with a deprecation warning.
 """
 
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import functools
 import glob
 import os
@@ -88,14 +96,23 @@ def find_images(spec: str) -> list[tuple[str, str]]:
   return items
 
 
-def image_size(path: str) -> tuple[int, int]:
-  """(height, width) from the file header, without decoding; PredictError for a non-image."""
+def decoded_size(path: str) -> tuple[int, int]:
+  """(height, width) after decoding every pixel: a truncated or corrupt file fails here, not mid-run."""
   try:
     with Image.open(path) as image:
+      image.load()
       width, height = image.size
   except (OSError, SyntaxError, ValueError) as error:
-    raise PredictError(f'{path}: not a readable image ({error})') from None
+    raise PredictError(f'{path}: not a readable image ({" ".join(str(error).split())})') from None
   return height, width
+
+
+def decoded_sizes(paths: Sequence[str], threads: int | None = None) -> list[tuple[int, int]]:
+  """decoded_size of every path (a thread pool: PIL's decoders release the GIL); the first bad file
+  in list order raises PredictError."""
+  workers = threads or min(16, 2 * (os.cpu_count() or 1))
+  with futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    return list(pool.map(decoded_size, paths))
 
 
 def read_image(path: str) -> np.ndarray:
@@ -226,9 +243,10 @@ def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list
 
 def check_inputs(images: Sequence[tuple[str, str]], out: str, *, save_probs: bool = False,
                  overwrite: bool = False) -> list[tuple[int, int]]:
-  """(height, width) of every image, read from the headers; PredictError for an unreadable image
-  or, without `overwrite`, for an output file that exists already. Writes nothing."""
-  sizes = [image_size(path) for path, _ in images]
+  """(height, width) of every image, each decoded in full; PredictError for an image that does
+  not decode (truncated, corrupt) or, without `overwrite`, for an output file that exists
+  already. Writes nothing."""
+  sizes = decoded_sizes([path for path, _ in images])
   if not overwrite:
     existing = [p for _, name in images for p in output_paths(out, name, save_probs) if os.path.exists(p)]
     if existing:
@@ -257,7 +275,8 @@ def predict_images(predictor: Predictor, images: Sequence[tuple[str, str]], out:
     pixels = [read_image(images[i][0]) for i in indices]
     for i, image in zip(indices, pixels):
       if image.shape[:2] != sizes[i]:
-        raise PredictError(f'{images[i][0]}: decoded size {image.shape[:2]} != header size {sizes[i]}')
+        raise PredictError(f'{images[i][0]}: changed while predicting (size {image.shape[:2]}, '
+                           f'was {sizes[i]})')
     labels, confidence = predictor(np.stack([transforms.normalize(image) for image in pixels]),
                                    mode=mode, crop_size=crop_size)
     for k, i in enumerate(indices):
@@ -295,23 +314,26 @@ def _define_flags(values: flags.FlagValues, argv: Sequence[str]) -> dict[str, An
       'mode': flags.DEFINE_string('mode', None, "'original' (whole image) or 'sliding_window' "
                                   '(windows of data.crop_size); default: eval.mode when it is one '
                                   "of them, else 'original'.", flag_values=values),
-      'save-probs': flags.DEFINE_bool('save-probs', False, 'Also write the softmax confidence maps.',
+      'save_probs': flags.DEFINE_bool('save_probs', False, 'Also write the softmax confidence maps '
+                                      '(--save-probs: the old spelling, deprecated).',
                                       flag_values=values),
       'batch_size': flags.DEFINE_integer('batch_size', None, 'Images per network call (default: the '
                                          'number of local devices).', flag_values=values),
       'overwrite': flags.DEFINE_bool('overwrite', False, 'Replace outputs that exist already.',
                                      flag_values=values),
+      'log_level': cli.define_log_level_flag(values),
   }
 
 
 def _parse(argv: Sequence[str]) -> dict[str, Any]:
   """Flag values by name ({} after printing --help); PredictError (one line) for any problem."""
   values = flags.FlagValues()
-  holders = _define_flags(values, argv)
-  if any(arg in ('--help', '-h', '--helpfull') for arg in argv[1:]):
-    print(__doc__)
-    print(values.get_help())
+  if cli.wants_help(argv):
+    _define_flags(values, [argv[0]])  # the help needs the flags, not the overrides
+    sys.stdout.write(cli.help_text(__doc__, values))
     return {}
+  holders = _define_flags(values, argv)
+  argv = cli.rewrite_dashed_flags(argv, values)
   try:
     rest = cli.parse_flags(values, argv, holders['config'])
   except cli.CommandLineError as error:
@@ -328,6 +350,10 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
       raise PredictError(f'--{name} is required')
   if parsed['batch_size'] is not None and parsed['batch_size'] < 1:
     raise PredictError(f'--batch_size={parsed["batch_size"]} must be positive')
+  try:
+    cli.check_output_dir(parsed['out'], '--out')
+  except cli.CommandLineError as error:
+    raise PredictError(str(error)) from None
   return parsed
 
 
@@ -346,6 +372,7 @@ def run(argv: Sequence[str]) -> int:
     parsed = _parse(argv)
     if not parsed:  # --help
       return 0
+    cli.setup_console(parsed['log_level'])
     config = parsed['config']
     mode = parsed['mode'] or (config.eval.mode if config.eval.mode in MODES else 'original')
     if mode not in MODES:
@@ -358,14 +385,14 @@ def run(argv: Sequence[str]) -> int:
     source = parsed['checkpoint'] or parsed['workdir']
     variables, where = convert.load_model_variables(source, model, which=parsed['step'])
     out = os.path.abspath(parsed['out'])
-    sizes = check_inputs(images, out, save_probs=parsed['save-probs'], overwrite=parsed['overwrite'])
+    sizes = check_inputs(images, out, save_probs=parsed['save_probs'], overwrite=parsed['overwrite'])
     predictor = Predictor(model, variables)
     print(f'predicting {len(images)} images with {where} ({mode}, {predictor.num_devices} devices)',
           file=sys.stderr, flush=True)
     update, close = _progress_bar(len(images))
     try:
       done = predict_images(predictor, images, out, palette=class_palette(config), mode=mode,
-                            crop_size=int(config.data.crop_size), save_probs=parsed['save-probs'],
+                            crop_size=int(config.data.crop_size), save_probs=parsed['save_probs'],
                             batch_size=parsed['batch_size'], sizes=sizes, progress=update)
     finally:
       close()
@@ -375,10 +402,18 @@ def run(argv: Sequence[str]) -> int:
   except (PredictError, convert.ConversionError) as error:
     print(f'error: {" ".join(str(error).split())}', file=sys.stderr, flush=True)
     return 1
+  except OSError as error:  # e.g. the disk filled up or --out was made read-only while writing
+    print(f'error: {cli.os_error_line(error)} (check --out and the inputs)', file=sys.stderr,
+          flush=True)
+    return 1
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-  return run(['uccl_jax.predict', *(sys.argv[1:] if argv is None else list(argv))])
+  """`run` on sys.argv (or `argv`); Ctrl-C ends as one line `interrupted`, status 130."""
+  try:
+    return run(['uccl_jax.predict', *(sys.argv[1:] if argv is None else list(argv))])
+  except KeyboardInterrupt:
+    return cli.interrupted()
 
 
 if __name__ == '__main__':

@@ -4,22 +4,29 @@ One `RunReporter` per run, alive on every process; only process 0 writes or
 prints, the others get no-ops, so the training loop calls it unconditionally.
 
 The run folder, written by process 0:
-- `metrics.jsonl`: one JSON object per line, flushed per record, opened for
-  append so a resumed run never loses what an earlier one wrote. Records carry
-  `kind`: 'train' (step, loss, loss_x, loss_s, loss_fp, loss_sbu, loss_ckr, lr,
-  mask_ratio, step_time, ...), 'eval' (step, miou, iou_per_class {class: IoU},
-  ...), 'resume' (the step a resumed run restarted from). Non-finite numbers are
-  written as the strings 'nan', 'inf', '-inf' (strict JSON; `float()` reads them
-  back). A resumed run replays steps after its checkpoint, so the file can hold
-  a step twice; `read_metrics` returns the records as one uninterrupted run would
-  have written them.
+- `metrics.jsonl`: one JSON object per line, flushed per record. Records carry
+  `kind`: 'train' (step, the step's metrics `step.METRICS`, step_time, epoch),
+  'eval' (step, miou, iou_per_class {class: IoU}, eval_seconds, ...), 'resume'
+  (the step a resumed run restarted from). Non-finite numbers are written as
+  the strings 'nan', 'inf', '-inf' (strict JSON; `float()` reads them back). A
+  run starting at step N (its checkpoint's; 0 without one) first drops the
+  records of steps after N, which it recomputes, rewriting the file atomically,
+  so the file holds each step once, in order, as one uninterrupted run would
+  have written it (`read_metrics` still reads files of older versions that
+  appended duplicates).
 - `tensorboard/`: event files (tensorboardX; no TensorFlow), scalars `train/<key>`,
-  `eval/mIoU`, `eval/IoU/<class>` (spaces as '_'). A resumed writer purges the steps after the
-  checkpoint, so the curves do not fold back on themselves.
+  `eval/mIoU`, `eval/IoU/<class>` (spaces as '_'). A run starting at step N
+  over earlier events writes into the same folder with `purge_step=N + 1`:
+  TensorBoard shows one run whose steps after N are the new ones
+  (`read_tensorboard_scalars` applies the same rule).
 - `config.json`: the resolved config, written once; a resume with a different
-  config keeps the first and writes `config.step_<N>.json` beside it.
-- Console: a tqdm bar with ETA and a loss summary on a terminal; one line per
-  log call (with ETA) when stderr is not a terminal (SLURM log files).
+  config keeps the first and writes `config.step_<N>.json` beside it (a run
+  starting over at step 0 replaces it).
+- Console: a tqdm bar with steps, rate, an ETA that includes the evaluations
+  still to come (timed from those done so far) and the losses of the last
+  logging step, on a terminal; one plain line per logging step when stdout or
+  stderr is not a terminal (CI, SLURM log files). `legend()` says what the
+  short names mean.
 """
 
 from __future__ import annotations
@@ -36,16 +43,24 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from uccl_jax import step as step_lib
+
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
 TENSORBOARD_DIR = 'tensorboard'
 
-# Fields every training record must carry (issue 4); the loop may add more.
-TRAIN_KEYS = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr', 'lr', 'mask_ratio',
-              'step_time')
+# Fields every training record must carry: the step's metrics (step.METRICS, the one list of
+# them) and the loop's step_time; the loop may add more.
+TRAIN_KEYS = step_lib.METRIC_NAMES + ('step_time',)
 # Shown in the console summary, in this order, with these short names.
-_SUMMARY_KEYS = (('loss', 'loss'), ('loss_x', 'x'), ('loss_s', 's'), ('loss_fp', 'fp'),
-                 ('loss_sbu', 'sbu'), ('loss_ckr', 'ckr'), ('mask_ratio', 'mask'), ('lr', 'lr'))
+_SUMMARY_KEYS = tuple((name, short) for name, short, _ in step_lib.METRICS)
+
+
+def legend() -> str:
+  """What the console's short names mean (printed at the start of a run, and in the README)."""
+  width = max(len(short) for _, short, _ in step_lib.METRICS)
+  lines = [f'  {short:<{width}} = {meaning} [{name}]' for name, short, meaning in step_lib.METRICS]
+  return 'the progress line shows (metrics.jsonl names in brackets):\n' + '\n'.join(lines)
 
 
 class ReportingError(ValueError):
@@ -101,6 +116,64 @@ def _default_is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _on_terminal() -> bool:
+  """A bar only when both streams are terminals: a bar in a file is carriage-return soup."""
+  return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
+
+
+def truncate_metrics(path: str | os.PathLike[str], step: int) -> int:
+  """Drops the records of steps after `step` from metrics.jsonl (atomically); returns how many.
+
+  A line cut off by a crash at the end of the file goes too; any other line is
+  kept as it is. Nothing is rewritten when nothing is dropped.
+  """
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_bytes().split(b'\n')
+  except FileNotFoundError:
+    return 0
+  while lines and not lines[-1].strip():
+    lines.pop()
+  kept, dropped = [], 0
+  for index, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if index == len(lines) - 1:  # cut off mid-write by a crash
+        dropped += 1
+        continue
+      record = None
+    if isinstance(record, dict) and isinstance(record.get('step'), int) and record['step'] > step:
+      dropped += 1
+      continue
+    kept.append(line + b'\n')
+  if dropped:
+    temporary = path.with_name(path.name + '.tmp')
+    temporary.write_bytes(b''.join(kept))
+    os.replace(temporary, path)
+  return dropped
+
+
+class _Bar:
+  """A tqdm bar whose ETA is the reporter's (steps and the evaluations still to come)."""
+
+  def __new__(cls, eta: Callable[[int], str], **kwargs: Any):
+    import tqdm  # pylint: disable=g-import-not-at-top
+
+    class Bar(tqdm.tqdm):
+
+      @property
+      def format_dict(self):
+        values = super().format_dict
+        values['eta_all'] = eta(int(values['n']))
+        return values
+
+    return Bar(bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {eta_all}, '
+                          '{rate_fmt}{postfix}]', **kwargs)
+
+
 class RunReporter:
   """metrics.jsonl + TensorBoard + console for one run; a no-op except on the main process.
 
@@ -117,29 +190,38 @@ class RunReporter:
     self.total_steps = int(total_steps)
     self.start_step = int(start_step)
     self.is_main = _default_is_main() if is_main is None else bool(is_main)
+    self.dropped_records = 0  # records of steps after start_step dropped from metrics.jsonl
     self._file = None
     self._writer = None
     self._bar = None
     self._console = 'off'
     self._first_log: tuple[int, float] | None = None  # (step, time) of the first train record
+    self._eval_steps: list[int] = []  # steps this run evaluates at (`schedule_evaluations`)
+    self._evaluated: set[int] = set()
+    self._eval_seconds: list[float] = []  # durations of this process's evaluations so far
     if not self.is_main:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self._file = self._open_metrics(self.workdir / METRICS_FILE)
+    metrics_path = self.workdir / METRICS_FILE
+    self.dropped_records = truncate_metrics(metrics_path, self.start_step)
+    self._file = self._open_metrics(metrics_path)
     if self.start_step > 0:
       self._write({'kind': 'resume', 'step': self.start_step, 'time': time.time()})
     if tensorboard:
       tensorboardx = _import_tensorboardx()
+      logdir = self.workdir / TENSORBOARD_DIR
+      earlier = logdir.is_dir() and any(logdir.glob('events.out.tfevents.*'))
+      # tensorboardX names its file by the second and opens it with 'wb': a restart within the
+      # same second would overwrite the earlier events without the suffix.
       self._writer = tensorboardx.SummaryWriter(
-          logdir=str(self.workdir / TENSORBOARD_DIR), flush_secs=30,
-          purge_step=self.start_step + 1 if self.start_step > 0 else None)
+          logdir=str(logdir), flush_secs=30, filename_suffix=f'.{os.getpid()}.{time.time_ns()}',
+          purge_step=self.start_step + 1 if self.start_step > 0 or earlier else None)
     if console == 'auto':
-      console = 'bar' if sys.stderr.isatty() else 'lines'
+      console = 'bar' if _on_terminal() else 'lines'
     self._console = console
     if console == 'bar':
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, unit='step',
-                            dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+      self._bar = _Bar(self.eta, total=self.total_steps, initial=self.start_step, unit='step',
+                       dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
 
   @staticmethod
   def _open_metrics(path: pathlib.Path):
@@ -176,7 +258,7 @@ class RunReporter:
       text = json.dumps(_json_value(config), indent=2, sort_keys=True)
     text += '\n'
     path = self.workdir / CONFIG_FILE
-    if path.exists():
+    if path.exists() and self.start_step > 0:  # at step 0 the earlier attempt's is replaced
       if path.read_text() == text:
         return None
       path = self.workdir / f'config.step_{self.start_step}.json'
@@ -185,6 +267,10 @@ class RunReporter:
     tmp.write_text(text)
     os.replace(tmp, path)  # never a half-written config
     return path
+
+  def schedule_evaluations(self, steps: Any) -> None:
+    """The steps this run evaluates at, for the ETA (the loop calls it once)."""
+    self._eval_steps = sorted(int(step) for step in steps)
 
   def advance(self, step: int) -> None:
     """Moves the progress bar to `step` (cheap; call every step if you like)."""
@@ -216,20 +302,39 @@ class RunReporter:
       self._bar.set_postfix_str(summary, refresh=True)
     elif self._console == 'lines':
       self.message(f'step {step}/{self.total_steps} | {summary} | '
-                   f'{_short_number(values["step_time"])} s/step | ETA {self._eta(step, now)}')
+                   f'{_short_number(values["step_time"])} s/step | ETA {self.eta(step, now)}')
 
-  def _eta(self, step: int, now: float) -> str:
-    """Remaining time at the pace since the first record of this process (compile excluded)."""
+  def eta(self, step: int, now: float | None = None) -> str:
+    """Time left: the steps at the pace since this process's first record (compile and
+    evaluations excluded) plus the evaluations still to come at the mean duration of those
+    done so far ('+N eval' while none has been timed)."""
+    if self._first_log is None:
+      return '?'
+    now = time.time() if now is None else now
     first_step, first_time = self._first_log
     if step <= first_step:
       return '?'
-    return _format_duration((now - first_time) / (step - first_step) * (self.total_steps - step))
+    training = max(now - first_time - sum(self._eval_seconds), 0.0)
+    seconds = training / (step - first_step) * max(self.total_steps - step, 0)
+    pending = sum(1 for s in self._eval_steps if s >= step and s not in self._evaluated)
+    if pending and not self._eval_seconds:
+      return f'{_format_duration(seconds)} +{pending} eval'
+    if self._eval_seconds:
+      seconds += pending * sum(self._eval_seconds) / len(self._eval_seconds)
+    return _format_duration(seconds)
 
   def log_eval(self, step: int, miou: float, iou_per_class: Mapping[str, float], *,
-               table: str | None = None, **extra: Any) -> None:
-    """Appends an evaluation record (IoUs in percent) and prints `table` (or the mIoU line)."""
+               table: str | None = None, seconds: float | None = None, **extra: Any) -> None:
+    """Appends an evaluation record (IoUs in percent) and prints `table` (or the mIoU line).
+
+    `seconds`: how long the evaluation took (recorded as eval_seconds; the ETA uses it).
+    """
     if not self.is_main:
       return
+    self._evaluated.add(int(step))
+    if seconds is not None:
+      self._eval_seconds.append(float(seconds))
+      extra = {**extra, 'eval_seconds': float(seconds)}
     per_class = {str(name): _json_value(iou) for name, iou in iou_per_class.items()}
     self._write({'kind': 'eval', 'step': int(step), 'time': time.time(),
                  'miou': _json_value(miou), 'iou_per_class': per_class,
@@ -336,16 +441,17 @@ def _is_resume(line: str) -> bool:
   return False
 
 
-def iter_tensorboard_scalars(logdir: str | os.PathLike[str]) -> Iterator[tuple[str, int, float]]:
-  """(tag, step, value) of every scalar in the event files under `logdir`, file by file.
+def _events(logdir: str | os.PathLike[str]) -> Iterator[Any]:
+  """Every event of the event files under `logdir`, file by file in the order they were started.
 
   A small reader of the TFRecord framing (length, crc, payload, crc) with
   tensorboardX's protobuf classes, so runs can be inspected and tested without
   TensorFlow or the tensorboard package.
   """
   event_pb2 = _import_tensorboardx().proto.event_pb2
+  files = []
   for event_file in sorted(pathlib.Path(logdir).rglob('events.out.tfevents.*')):
-    data = event_file.read_bytes()
+    data, events = event_file.read_bytes(), []
     offset = 0
     while offset + 12 <= len(data):
       length = int.from_bytes(data[offset:offset + 8], 'little')
@@ -353,7 +459,30 @@ def iter_tensorboard_scalars(logdir: str | os.PathLike[str]) -> Iterator[tuple[s
       offset += 12 + length + 4
       if len(payload) < length:
         break  # cut off mid-record
-      event = event_pb2.Event.FromString(payload)
-      for value in event.summary.value:
-        if value.HasField('simple_value'):
-          yield value.tag, int(event.step), float(value.simple_value)
+      events.append(event_pb2.Event.FromString(payload))
+    files.append(events)
+  # In the order the writers started (file names hold whole seconds only).
+  for events in sorted(files, key=lambda events: events[0].wall_time if events else 0.0):
+    yield from events
+
+
+def iter_tensorboard_scalars(logdir: str | os.PathLike[str]) -> Iterator[tuple[str, int, float]]:
+  """(tag, step, value) of every scalar in the event files under `logdir`, as written."""
+  for event in _events(logdir):
+    for value in event.summary.value:
+      if value.HasField('simple_value'):
+        yield value.tag, int(event.step), float(value.simple_value)
+
+
+def read_tensorboard_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value)] as TensorBoard shows the run: a session start at step S (what
+  `purge_step=S` writes) drops the points of steps >= S written before it."""
+  session_start = _import_tensorboardx().proto.event_pb2.SessionLog.START
+  curves: dict[str, list[tuple[int, float]]] = {}
+  for event in _events(logdir):
+    if event.HasField('session_log') and event.session_log.status == session_start:
+      curves = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in curves.items()}
+    for value in event.summary.value:
+      if value.HasField('simple_value'):
+        curves.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+  return curves

@@ -73,8 +73,27 @@ from uccl_jax import parallel
 METHODS = ('supervised', 'unimatch', 'uccl')
 ANCHORS = ('passes', 'pasted')
 LABELED_LOSSES = ('ce', 'ohem')
-LOSS_NAMES = ('loss', 'loss_x', 'loss_s', 'loss_fp', 'loss_sbu', 'loss_ckr')
-METRIC_NAMES = LOSS_NAMES + ('lr', 'mask_ratio', 'grad_norm')
+# The one list of the step's metrics: (name in metrics.jsonl/TensorBoard, short name on the
+# console, meaning). LOSS_NAMES, METRIC_NAMES, the fields reporting requires, its console summary
+# and the legend a run prints at its start are all read from it.
+METRICS = (
+    ('loss', 'loss', 'total loss minimised: (x + s/2 + fp/2) / 2 + sbu.weight * sbu '
+                     '+ ckr.weight * ckr'),
+    ('loss_x', 'x', 'labeled loss: cross-entropy (or OHEM, train.labeled_loss=ohem)'),
+    ('loss_s', 's', 'pseudo-label loss on the two CutMix-ed strong views (their mean)'),
+    ('loss_fp', 'fp', "feature-perturbation loss: the weak view's pseudo-labels on its "
+                      'prediction from dropped-out features'),
+    ('loss_sbu', 'sbu', 'SBU: the uncertain pixels training the strong views (unweighted, '
+                        'mean of the two views)'),
+    ('loss_ckr', 'ckr', 'CKR: class features of the strong views pulled towards the weak '
+                        "view's (unweighted, mean of the two views)"),
+    ('mask_ratio', 'mask', 'share of the unlabeled pixels whose weak-view confidence is at or '
+                           'above unsup.conf_thresh'),
+    ('lr', 'lr', 'backbone learning rate of this update (the head: times train.lr_multi)'),
+    ('grad_norm', 'grad', 'global L2 norm of the loss gradient'),
+)
+METRIC_NAMES = tuple(name for name, _, _ in METRICS)
+LOSS_NAMES = tuple(name for name in METRIC_NAMES if name.startswith('loss'))
 
 # Pass indices (they name the RNG stream of each training-mode pass).
 PASS_WEAK1, PASS_WEAK2, PASS_LABELED_FP, PASS_STRONG = 1, 2, 3, 4
@@ -224,9 +243,14 @@ def pass_rng(rng: jax.Array, step: jax.Array, micro_batch: int | jax.Array,
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises StepConfigError naming the field if the step cannot run `config`."""
+  """Raises StepConfigError naming the field if the step cannot run `config`.
+
+  The one check of the method and the step's fields (train.check_config calls
+  it); how the batch splits over processes, micro-batches and devices is
+  `parallel.check_batch_size`'s, which `make_train_step` calls.
+  """
   if config.method not in METHODS:
-    raise StepConfigError(f'method={config.method!r}: expected one of {METHODS}')
+    raise StepConfigError(f'method={config.method!r}: expected one of {", ".join(METHODS)}')
   if config.train.labeled_loss not in LABELED_LOSSES:
     raise StepConfigError(
         f'train.labeled_loss={config.train.labeled_loss!r}: expected one of {LABELED_LOSSES}')
@@ -234,8 +258,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise StepConfigError(f'unsup.anchors={config.unsup.anchors!r}: expected one of {ANCHORS}')
   if config.method == 'uccl' and config.sbu.variant not in ('reference', 'paper'):
     raise StepConfigError(f"sbu.variant={config.sbu.variant!r}: expected 'reference' or 'paper'")
-  if int(config.train.grad_accum) < 1:
-    raise StepConfigError(f'train.grad_accum={config.train.grad_accum} must be >= 1')
   if config.train.labeled_loss == 'ohem':
     _check_ohem_groups(config)
 
@@ -251,7 +273,7 @@ def _check_ohem_groups(config: ml_collections.ConfigDict) -> None:
     raise StepConfigError(f'train.ohem_images_per_group=0 mines the whole batch at once, which '
                           f'train.grad_accum={accum} micro-batches cannot do; set it to a divisor '
                           'of train.batch_size / train.grad_accum (2: the release\'s per-GPU batch)')
-  if group > 0 and isinstance(batch, int) and batch > 0 and batch % (group * accum):
+  if group > 0 and isinstance(batch, int) and batch > 0 and accum > 0 and batch % (group * accum):
     raise StepConfigError(f'train.ohem_images_per_group={group}: each micro-batch '
                           f'(train.batch_size={batch} / train.grad_accum={accum}) must hold whole '
                           'groups; use a divisor of it')

@@ -1,18 +1,24 @@
 """The training loop: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint(...)`.
 
 What a run does, in order:
-1. Checks the config, the data lists and the batch size against the devices
-   before anything is written, so a bad input leaves the run folder as it was.
+1. Checks the config, the batch size against the devices, that every image
+   and mask the data lists name exists, and on resume that the config fits the
+   checkpoint (shape fields, then the saved arrays' shapes), before anything is
+   written, so a bad input leaves the run folder as it was.
 2. Resumes from the newest checkpoint in `<workdir>/checkpoints` (train state,
-   RNG, step and every process's data-iterator position); a fresh run
-   initialises the model and, with `model.pretrained`, loads the ImageNet
-   backbone strictly through `uccl_jax.convert`.
+   RNG, step and the data-iterator position, under any process count); a fresh
+   run initialises the model and, with `model.pretrained`, loads the ImageNet
+   backbone strictly through `uccl_jax.convert`. The first console line says
+   which, the next ones what the progress line's loss names mean; the records
+   of steps after the starting step are dropped from metrics.jsonl (they are
+   recomputed), so each step is written once.
 3. Runs the jitted step (state donated) on global batches built from each
    process's pipeline batches and prefetched to the devices two deep, logs
    every `train.log_every_steps`, saves every `checkpoint.every_steps`, at each
-   epoch end and at the end, evaluates every `eval.every_epochs` epochs and at
-   the end (the mIoU is attached to the checkpoint of that step, so 'best' can
-   be restored later).
+   epoch end, at the end and at the first logging step after
+   `checkpoint.every_minutes` without a save (process 0's clock decides for
+   all), evaluates every `eval.every_epochs` epochs and at the end (the mIoU is
+   attached to the checkpoint of that step, so 'best' can be restored later).
 4. SIGTERM (preemption) or Ctrl-C: finishes the current step, saves, exits cleanly (a
    second Ctrl-C stops at once). One
    process notices at once; several processes agree at the next logging,
@@ -65,6 +71,8 @@ CHECKPOINT_DIR = 'checkpoints'
 # The device-to-host transfer guard of the per-step part of the loop: implicit copies (float(x),
 # np.asarray(x) of a device array) raise. Tests tighten it to 'disallow_explicit'.
 STEP_TRANSFER_GUARD = 'disallow'
+# The clock of checkpoint.every_minutes (tests replace it).
+_clock = time.monotonic
 
 
 class RunError(Exception):
@@ -85,6 +93,14 @@ class RunPlan:
 
   def is_epoch_end(self, step: int) -> bool:
     return step % self.steps_per_epoch == 0
+
+  def eval_steps(self, eval_every: int, start_step: int = 0) -> list[int]:
+    """The steps after `start_step` that evaluate: every `eval_every` epochs and the last."""
+    steps = {self.last_step} if self.last_step > start_step else set()
+    if eval_every > 0:
+      every = eval_every * self.steps_per_epoch
+      steps.update(range(every, self.last_step + 1, every))
+    return sorted(step for step in steps if step > start_step)
 
 
 @dataclasses.dataclass
@@ -108,12 +124,22 @@ def _positive(config: ml_collections.ConfigDict, name: str) -> int:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects config values the loop cannot honour, naming the field."""
-  if config.method not in step_lib.METHODS:
-    raise RunError(f'method={config.method!r}: expected one of {", ".join(step_lib.METHODS)}')
+  """Rejects config values the loop cannot honour, naming the field.
+
+  The method and the step's fields are checked by `step.check_config`, the
+  batch's split over processes and devices by `parallel.check_batch_size`
+  (`_make_mesh`), each in that one place.
+  """
+  try:
+    step_lib.check_config(config)
+  except step_lib.StepConfigError as e:
+    raise RunError(str(e)) from None
   for name in ('train.epochs', 'train.batch_size', 'train.log_every_steps', 'train.grad_accum',
                'checkpoint.every_steps', 'checkpoint.keep', 'data.crop_size', 'data.num_classes'):
     _positive(config, name)
+  minutes = config.checkpoint.every_minutes
+  if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
+    raise RunError(f'checkpoint.every_minutes={minutes!r} must be a number >= 0 (0: no timed saves)')
   if not isinstance(config.train.max_steps, int):
     raise RunError(f'train.max_steps={config.train.max_steps!r} must be an integer (<= 0: no cap)')
   if not isinstance(config.eval.every_epochs, int):
@@ -124,10 +150,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.mix_images not in pipeline.MIX_IMAGES:
     raise RunError(f'data.mix_images={config.data.mix_images!r}: expected one of '
                    f'{", ".join(pipeline.MIX_IMAGES)}')
-  try:
-    step_lib.check_config(config)
-  except step_lib.StepConfigError as e:
-    raise RunError(str(e)) from None
 
 
 def open_train_sources(config: ml_collections.ConfigDict,
@@ -185,9 +207,13 @@ def _state_factory(config, model, mesh, schedule_steps):
 
 
 def _abstract_state(config, model, mesh, schedule_steps) -> step_lib.TrainState:
-  """The state's shapes, dtypes and shardings, computed without running the initializer."""
+  """The state's shapes, dtypes and shardings (replicated on `mesh`), computed without running
+  the initializer. The shardings are the restore target's: a checkpoint written under another
+  process or device count restores onto this mesh."""
   create = _state_factory(config, model, mesh, schedule_steps)
-  return jax.eval_shape(create, jax.random.PRNGKey(0))
+  replicated = parallel.replicated_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      jax.eval_shape(create, jax.random.PRNGKey(0)))
 
 
 def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -198,9 +224,22 @@ def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
-  """model.pretrained, or None for random weights on purpose ('' or 'none')."""
+  """model.pretrained, or None for random weights on purpose ('' or 'none').
+
+  'synthetic:source' (the demo's default) is the backbone pretrained on the
+  generated source domain for this config's network, made on first use
+  (uccl_jax/pretrain.py).
+  """
   value = str(config.model.pretrained).strip()
-  return None if value.lower() in ('', 'none') else value
+  if value.lower() in ('', 'none'):
+    return None
+  if value == 'synthetic:source':
+    from uccl_jax import pretrain  # pylint: disable=g-import-not-at-top  (it trains through this module)
+    try:
+      return str(pretrain.ensure_backbone(pretrain.for_demo(config)))
+    except pretrain.PretrainError as e:
+      raise RunError(f'model.pretrained={value!r}: {e}') from None
+  return value
 
 
 def check_pretrained(config: ml_collections.ConfigDict) -> None:
@@ -310,20 +349,24 @@ class _Preemption:
       signal.signal(signum, previous)
     self._previous = {}
 
-  def agreed(self, at_sync_point: bool) -> bool:
-    """True when this run stops here: any process got SIGTERM and, with several, this is a sync point.
+  def decide(self, at_sync_point: bool, save_due: bool = False) -> tuple[bool, bool]:
+    """(stop here, save here for checkpoint.every_minutes), the same in every process.
 
-    With several processes a collective; every process calls it at the same
-    steps with the same `at_sync_point`.
+    Stop: any process got SIGTERM and, with several processes, this is a sync
+    point. Timed save: only at sync points; `save_due` is this process's clock's
+    verdict, and with several processes process 0's verdict counts for all.
+    With several processes one collective carries both flags; every process
+    calls it at the same steps with the same `at_sync_point`.
     """
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested, at_sync_point and save_due
     if not at_sync_point:
-      return False
+      return False, False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     with jax.transfer_guard_device_to_host('allow'):
-      flags = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.any(flags))
+      flags = np.asarray(multihost_utils.process_allgather(
+          np.array([self.requested, save_due], np.int32))).reshape(-1, 2)
+    return bool(np.any(flags[:, 0])), bool(flags[0, 1])
 
 
 # ----------------------------------------------------------------------------
@@ -408,38 +451,47 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   checkpoints_dir = os.path.join(workdir, CHECKPOINT_DIR)
   # Resume order: this run's newest checkpoint, else a fresh (optionally pretrained) state.
-  # Reading happens before the manager that may write is created; a fresh run's missing
-  # backbone stops here, before anything (split lists included) is written.
-  latest = None
+  # Everything is checked before anything is written to the run folder: the config, the
+  # backbone of a fresh run, the batch against the devices, every file the data lists name, and
+  # a resumed run's config against its checkpoint.
+  reader, latest = None, None
   if os.path.isdir(checkpoints_dir):
-    latest = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True).latest_step()
+    reader = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True)
+    latest = reader.latest_step()
   if latest is None:
     check_pretrained(config)
-  train_sources = open_train_sources(config, workdir)
-  plan = make_plan(config, train_sources)
   mesh = _make_mesh(config)
+  train_sources = open_train_sources(config, workdir)
+  check_data_files(config, train_sources)
+  plan = make_plan(config, train_sources)
   model = build_model(config)
   create_state = _state_factory(config, model, mesh, plan.schedule_steps)
   train_step = step_lib.make_train_step(model, config, mesh)
+  abstract = None
+  if latest is not None:  # the config's shape fields, then the arrays' shapes (no array read)
+    abstract = _abstract_state(config, model, mesh, plan.schedule_steps)
+    reader.check_config(latest, config)
+    reader.check_shapes(latest, abstract)
 
   iterator = pipeline.make_train_iterator(config, workdir=workdir,
                                           with_unlabeled=plan.with_unlabeled,
                                           train_sources=train_sources)
   input_line = (f'input: {iterator.workers} grain worker processes (data.workers='
                 f'{config.data.workers}; {pipeline.available_cpus()} CPUs available to this process)')
-  checkpoints = checkpoint_lib.RunCheckpoints(checkpoints_dir, keep=int(config.checkpoint.keep))
+  checkpoints = None
   try:
+    checkpoints = checkpoint_lib.RunCheckpoints(checkpoints_dir, keep=int(config.checkpoint.keep))
     if latest is not None:
-      abstract = jax.eval_shape(create_state, jax.random.PRNGKey(0))
-      state, data_state = checkpoints.restore(latest, abstract)
+      state, data_state = checkpoints.restore(latest, abstract, config=config)
       iterator.set_state(data_state)
-      logging.info('Resumed from %s at step %d', os.path.join(checkpoints_dir, str(latest)), latest)
     else:
       state = create_state(jax.random.PRNGKey(int(config.train.seed)))
       if pretrained_path(config) is not None:
         state = load_pretrained(config, model, state, mesh)
     start_step = int(jax.device_get(state.step))
     with reporting.RunReporter(workdir, total_steps=plan.last_step, start_step=start_step) as reporter:
+      reporter.message(_found_line(checkpoints_dir, start_step, reporter.dropped_records))
+      reporter.message(reporting.legend())
       reporter.write_config(config)
       reporter.message(input_line)
       if start_step == 0:
@@ -450,14 +502,45 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'epoch, {plan.schedule_steps} scheduled steps, running to step {plan.last_step} on '
             f'{jax.device_count()} devices ({jax.process_count()} processes)')
       else:
-        reporter.message(f'resumed at step {start_step}, running to step {plan.last_step}')
+        reporter.message(f'resumed at step {start_step}, running to step {plan.last_step} on '
+                         f'{jax.device_count()} devices ({jax.process_count()} processes)')
       return run_loop(config, plan, model, mesh, train_step, state, iterator, checkpoints,
                       reporter, start_step, preemption)
   finally:
-    checkpoints.close()
+    if checkpoints is not None:
+      checkpoints.close()
     close = getattr(iterator, 'close', None)
     if close is not None:
       close()
+
+
+def _found_line(checkpoints_dir: str, start_step: int, dropped: int) -> str:
+  """The run's first line: what the run folder held, and what became of an earlier attempt's rows."""
+  metrics = os.path.join(os.path.dirname(checkpoints_dir), reporting.METRICS_FILE)
+  if start_step > 0:
+    line = f'resuming from step {start_step} (checkpoints in {checkpoints_dir})'
+    if dropped:
+      line += (f'; dropped {dropped} records of later steps from {metrics}: they are '
+               'recomputed')
+    return line
+  line = f'no checkpoint in {checkpoints_dir}: starting at step 0'
+  if dropped:
+    line += (f'; {metrics} held {dropped} records of an earlier attempt that stopped before its '
+             'first save: dropped, starting over')
+  return line
+
+
+def check_data_files(config: ml_collections.ConfigDict, train_sources: pipeline.TrainSources) -> None:
+  """Every image and mask the labeled, unlabeled and val lists name exists (DataError otherwise).
+
+  A listing per folder, no decoding: a file missing from the last line of a list
+  is reported before the program compiles, with the split file and line.
+  """
+  from uccl_jax.data import sources  # pylint: disable=g-import-not-at-top
+  listed = [train_sources.labeled, train_sources.unlabeled]
+  if config.data.source == 'folder':  # TFDS records are not files
+    listed.append(sources.make_source(config, 'val'))
+  sources.check_files_exist(listed)
 
 
 def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh: jax.sharding.Mesh,
@@ -472,7 +555,9 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
   """
   log_every = int(config.train.log_every_steps)
   save_every = int(config.checkpoint.every_steps)
-  eval_every = int(config.eval.every_epochs)
+  save_seconds = float(config.checkpoint.every_minutes) * 60.0
+  eval_steps = set(plan.eval_steps(int(config.eval.every_epochs), start_step))
+  reporter.schedule_evaluations(eval_steps)
   last_miou = None
   if start_step >= plan.last_step:
     reporter.message(f'nothing to train: the checkpoint is at step {start_step} and the run ends at '
@@ -482,6 +567,7 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
   device_batches = parallel.prefetch_to_device(iterator, mesh, depth=2)
   watch = FiniteWatch(start_step, mesh)
   window_start, window_steps = time.perf_counter(), 0
+  last_save = _clock()  # the restored checkpoint (or the start) is the last save
   step = start_step
   with jax.transfer_guard_device_to_host(STEP_TRANSFER_GUARD):
     while step < plan.last_step:
@@ -500,11 +586,12 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
       # Everything below happens on the same steps in every process.
       final = step == plan.last_step
       log_now = step % log_every == 0 or final
-      epoch_end = plan.is_epoch_end(step)
-      evaluate_now = final or (epoch_end and eval_every > 0
-                               and (step // plan.steps_per_epoch) % eval_every == 0)
-      save_now = final or epoch_end or evaluate_now or step % save_every == 0
-      preempted = preemption.agreed(at_sync_point=log_now or save_now)
+      evaluate_now = step in eval_steps
+      save_now = final or plan.is_epoch_end(step) or evaluate_now or step % save_every == 0
+      # checkpoint.every_minutes: judged at logging steps only (process 0's clock with several).
+      save_due = log_now and save_seconds > 0 and _clock() - last_save >= save_seconds
+      preempted, timed_save = preemption.decide(log_now or save_now, save_due)
+      save_now = save_now or timed_save
       if not (log_now or save_now or preempted):
         continue
       with jax.transfer_guard_device_to_host('allow'):
@@ -519,16 +606,19 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
           window_start, window_steps = now, 0
         miou = None
         if evaluate_now and not preempted:
+          began = time.perf_counter()
           result = run_evaluation(config, model, state)
           miou = last_miou = result.miou
           names = _class_names(config)
           reporter.log_eval(step, result.miou, dict(zip(names, result.iou_per_class.tolist())),
                             table=evaluate_lib.format_iou_table(result, names),
+                            seconds=time.perf_counter() - began,
                             epoch=plan.epoch_of(step), num_images=result.num_images)
         if save_now or preempted:
           # The data position is the step: step s consumed batches 0 .. s-1 (the prefetched
           # batches beyond it are rebuilt on resume).
           checkpoints.save(step, state, {'step': step}, miou=miou)
+          last_save = _clock()
         if evaluate_now or save_now:
           window_start, window_steps = time.perf_counter(), 0
         if preempted:
@@ -556,22 +646,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   from uccl_jax import convert  # pylint: disable=g-import-not-at-top  (torch only for .pth)
   if convert.is_converted(checkpoint) or checkpoint.endswith('.pth'):
     return _evaluate_converted(config, checkpoint)
-  which = checkpoint
-  if checkpoint not in ('best', 'latest') and not checkpoint.isdigit():
-    directory, fixed_step = checkpoint_lib.locate(checkpoint)
-    which = 'best'  # a run or checkpoints folder without a step: its best checkpoint
+  if checkpoint in ('best', 'latest') or checkpoint.isdigit():
+    folder, which = os.path.abspath(workdir), checkpoint  # a checkpoint of this run
+    if not os.path.isdir(os.path.join(folder, CHECKPOINT_DIR)):
+      raise checkpoint_lib.CheckpointError(f'{os.path.join(folder, CHECKPOINT_DIR)}: no checkpoint '
+                                           'folder (train first, or pass --checkpoint=FOLDER)')
   else:
-    directory, fixed_step = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), None
-    if not os.path.isdir(directory):
-      raise checkpoint_lib.CheckpointError(f'{directory}: no checkpoint folder (train first, or '
-                                           'pass --checkpoint=FOLDER)')
-  checkpoints = checkpoint_lib.RunCheckpoints(directory, read_only=True)
-  step = checkpoints.resolve(fixed_step if fixed_step is not None else which)
+    folder, which = checkpoint, 'best'  # a run or checkpoints folder without a step: its best
+  checkpoints, step = convert.find_run_checkpoint(folder, which)
+  directory = os.fspath(checkpoints.directory)
   mesh = make_mesh(config)
   model = build_model(config)
   # The schedule length is not part of the saved arrays: any value restores the same state.
   abstract = _abstract_state(config, model, mesh, schedule_steps=1)
-  state, _ = checkpoints.restore(step, abstract, with_data=False)
+  state, _ = checkpoints.restore(step, abstract, with_data=False, config=config)
   logging.info('Restored %s at step %d', directory, step)
   result = run_evaluation(config, model, state)
   names = _class_names(config)

@@ -1,9 +1,9 @@
 """`python -m uccl_jax.benchmark [<name>] [flags]`: the step benchmark, or one named benchmark.
 
 With no name (the first argument is a flag or absent) the step benchmark runs
-(uccl_jax/benchmark/step.py: step time, FLOPs, MFU, memory, pipeline, scaling);
-`losses`, `pipeline` (host cost per step), `eval`, `gpu_check` and `ablation` run their
-modules' `main(argv)`.
+(uccl_jax/benchmark/step_cli.py: step time, FLOPs, MFU, memory, pipeline, scaling;
+`--help` shows its usage and examples); `losses`, `pipeline` (host cost per step),
+`eval`, `gpu_check` and `ablation` run their modules' `main(argv)`.
 
 `--scaling` on a CPU needs several devices, which JAX fixes when it starts: if
 XLA_FLAGS does not already ask for host devices, 4 fake ones are requested here,
@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' {FAKE_DEVICE_FLAG}={SCALING_FAKE_DEVICES}').strip()
     fake_devices_added = True
-  step = importlib.import_module('uccl_jax.benchmark.step')
-  return step.main(argv[1:], fake_devices_added=fake_devices_added)
+  step_cli = importlib.import_module('uccl_jax.benchmark.step_cli')
+  return step_cli.main(argv[1:], fake_devices_added=fake_devices_added)
 
 
 if __name__ == '__main__':

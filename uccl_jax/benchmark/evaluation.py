@@ -1,8 +1,14 @@
 """Evaluation throughput at the Cityscapes setting: `python -m uccl_jax.benchmark eval`.
 
-  python -m uccl_jax.benchmark eval [--size 1024x2048] [--images 4] [--crop 801]
-      [--mode sliding_window] [--backbone resnet18] [--width 16] [--head-channels 32]
-      [--repeats 2] [--read-threads N]
+usage:
+  python -m uccl_jax.benchmark eval [--size=1024x2048] [--images=4] [--crop=801]
+      [--mode=sliding_window] [--backbone=resnet18] [--width=16] [--head_channels=32]
+      [--repeats=2] [--read_threads=N] [--log_level=none]
+
+examples:
+  python -m uccl_jax.benchmark eval
+  python -m uccl_jax.benchmark eval --backbone=resnet50 --width=64 --head_channels=256
+  python -m uccl_jax.benchmark eval --size=20x36 --images=2 --repeats=1 --mode=original
 
 Writes `--images` Cityscapes-size PNG pairs (smooth scenes with noise, so PNG
 decoding costs about what real photos cost) into a temporary Cityscapes-layout
@@ -13,12 +19,15 @@ images per second (the median of `--repeats` timed passes after one untimed
 pass over the first image, which compiles) with the mIoU, so a change to the
 evaluation path can be checked to leave the numbers alone. The default model
 is small (ResNet-18 at width 16) so that it runs on a CPU in reasonable time;
-the real network is `--backbone resnet50 --width 64 --head-channels 256`.
+the real network is `--backbone=resnet50 --width=64 --head_channels=256`.
+
+Exit status 0 on success, 2 with one line on stderr for a bad flag. The dashed
+spellings of earlier releases (--head-channels, --read-threads) still work for
+one release, with a warning.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -26,14 +35,18 @@ import tempfile
 import time
 from typing import Any
 
+from absl import flags
 import jax
 import numpy as np
 
+from uccl_jax import cli
 from uccl_jax import config as config_lib
 from uccl_jax import evaluate
 from uccl_jax.benchmark import pipeline as pipeline_benchmark
+from uccl_jax.benchmark import subcommand
 from uccl_jax.data import val_input
 from uccl_jax.models import deeplab
+from uccl_jax.models import resnet
 
 CLASSES = 19  # the generated masks hold Cityscapes train ids
 
@@ -78,39 +91,59 @@ def measure(config: Any, *, repeats: int, read_threads: int | None = None) -> di
           'images_per_s': result.num_images / statistics.median(seconds), 'result': result}
 
 
+def _define_flags() -> flags.FlagValues:
+  """The flags on a private FlagValues, so that importing or running this defines nothing global."""
+  values = flags.FlagValues()
+  flags.DEFINE_string('size', '1024x2048', 'HxW of the generated images.', flag_values=values)
+  flags.DEFINE_integer('images', 4, 'Val images generated and evaluated.', flag_values=values)
+  flags.DEFINE_integer('crop', 801, 'data.crop_size (the window).', flag_values=values)
+  flags.DEFINE_enum('mode', 'sliding_window', evaluate.MODES, 'eval.mode: the evaluation protocol.',
+                    flag_values=values)
+  flags.DEFINE_enum('backbone', 'resnet18', sorted(resnet.ARCHS), 'model.backbone (resnet50: real).',
+                    flag_values=values)
+  flags.DEFINE_integer('width', 16, 'Backbone base width (64: real).', flag_values=values)
+  flags.DEFINE_integer('head_channels', 32, 'ASPP/decoder width (256: real).', flag_values=values)
+  flags.DEFINE_integer('repeats', 2, 'Timed passes (the median is reported).', flag_values=values)
+  flags.DEFINE_integer('read_threads', None, 'Threads decoding images ahead of the device '
+                       '(default: val_input.default_read_threads()).', flag_values=values)
+  cli.define_log_level_flag(values)
+  return values
+
+
+def _check(values: flags.FlagValues) -> tuple[int, int]:
+  """The image size; CommandLineError (one line naming the flag) for a value out of range."""
+  size = subcommand.parse_size(values.size, '--size')
+  subcommand.require_positive(values, 'images', 'repeats', 'crop', 'width', 'head_channels')
+  if values.read_threads is not None and values.read_threads < 0:
+    raise cli.CommandLineError(f'--read_threads={values.read_threads}: must be >= 0')
+  return size
+
+
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark eval',
-                                   description=__doc__.split('\n', maxsplit=1)[0])
-  parser.add_argument('--size', type=pipeline_benchmark.parse_size, default=(1024, 2048),
-                      help='HxW of the generated images')
-  parser.add_argument('--images', type=int, default=4, help='val images generated and evaluated')
-  parser.add_argument('--crop', type=int, default=801, help='data.crop_size (the window)')
-  parser.add_argument('--mode', default='sliding_window', choices=evaluate.MODES)
-  parser.add_argument('--backbone', default='resnet18')
-  parser.add_argument('--width', type=int, default=16, help='backbone base width (64: real)')
-  parser.add_argument('--head-channels', type=int, default=32, help='ASPP/decoder width (256: real)')
-  parser.add_argument('--repeats', type=int, default=2, help='timed passes (the median is reported)')
-  parser.add_argument('--read-threads', type=int, default=None,
-                      help='threads decoding images ahead of the device (default: '
-                      'val_input.default_read_threads())')
-  args = parser.parse_args(argv[1:])
-  if args.images < 1 or args.repeats < 1:
-    parser.error('--images and --repeats must be positive')
-  height, width = args.size
+  """argv[0] is the benchmark name (as dispatched by __main__); returns the exit status."""
+  values = _define_flags()
+  try:
+    if not subcommand.parse(argv, values, __doc__):
+      return 0  # --help
+    size = _check(values)
+  except cli.CommandLineError as error:
+    return subcommand.fail(error)
+  cli.setup_console(values.log_level)
+  height, width = size
   with tempfile.TemporaryDirectory(prefix='uccl_eval_bench_') as folder:
     root = pathlib.Path(folder)
     # All images in the "labeled" list, which is then the val list.
-    val_split = pipeline_benchmark.write_dataset(root, args.size, args.images,
-                                                 num_labeled=args.images)[0]
-    config = make_config(root, val_split, crop=args.crop, mode=args.mode, classes=CLASSES,
-                         backbone=args.backbone, width=args.width,
-                         head_channels=args.head_channels)
-    figures = measure(config, repeats=args.repeats, read_threads=args.read_threads)
+    val_split = pipeline_benchmark.write_dataset(root, size, values.images,
+                                                 num_labeled=values.images)[0]
+    config = make_config(root, val_split, crop=values.crop, mode=values.mode, classes=CLASSES,
+                         backbone=values.backbone, width=values.width,
+                         head_channels=values.head_channels)
+    figures = measure(config, repeats=values.repeats, read_threads=values.read_threads)
   result = figures['result']
   per_image = statistics.median(figures['seconds']) / figures['images']
   main_thread_ms = statistics.median(figures['main_thread_s']) / figures['images'] * 1e3
-  print(f'{args.mode} (crop {args.crop}), {figures["images"]} images of {height}x{width}, '
-        f'{args.backbone} width {args.width} head {args.head_channels}, {CLASSES} classes, '
+  print(f'{values.mode} (crop {values.crop}), {figures["images"]} images of {height}x{width}, '
+        f'{values.backbone} width {values.width} head {values.head_channels}, {CLASSES} classes, '
         f'{jax.local_device_count()} {jax.default_backend()} device(s): '
         f'{figures["images_per_s"]:.3f} images/s ({per_image:.2f} s per image; passes '
         f'{", ".join(f"{s:.1f}" for s in figures["seconds"])} s); main thread '

@@ -69,13 +69,23 @@ as figures come), summary.txt (the same for people, with the method behind
 each figure), log.txt (each part's output). The parts' own records and run
 folders live in a temporary folder, removed at the end.
 
+usage:
+  python -m uccl_jax.benchmark gpu_check [--parts=float32,bfloat16,bf16_training,input,pasted]
+      [--methods=supervised,unimatch,uccl] [--smoke] [--budget_s=465] [--cache_dir=DIR]
+      [--out=DIR]
+
+examples:
+  launch/gpu_check.sh
+  python -m uccl_jax.benchmark gpu_check --out=runs/gpu_check
+  python -m uccl_jax.benchmark gpu_check --parts=input,pasted
+  python -m uccl_jax.benchmark gpu_check --smoke --parts=float32 --methods=supervised
+
 Exit status: 0 when every requested part finished (and the bf16 check
-passed), 1 otherwise, 2 for a bad flag.
+passed), 1 otherwise, 2 with one line on stderr for a bad flag.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import importlib.util
@@ -96,7 +106,10 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import flags
+
 from uccl_jax import cli
+from uccl_jax.benchmark import subcommand
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / 'configs'
@@ -317,8 +330,8 @@ class PartRecord:
 
 def _device_fields() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  from uccl_jax.benchmark import step as step_benchmark  # pylint: disable=g-import-not-at-top
-  return {'device': step_benchmark.describe_devices(jax.devices()), 'jax_version': jax.__version__,
+  from uccl_jax.benchmark.device_figures import describe_devices  # pylint: disable=g-import-not-at-top
+  return {'device': describe_devices(jax.devices()), 'jax_version': jax.__version__,
           'host_cpus': os.cpu_count()}
 
 
@@ -331,30 +344,32 @@ def _setting(config: Any, devices: int) -> str:
 
 def _overhead(config: Any, anchors: str, sizes: Sizes) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  from uccl_jax.benchmark import step as step_benchmark  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.overhead import interleaved_overhead  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.unsup.anchors = anchors
-  return step_benchmark.interleaved_overhead(config, jax.devices(), rounds=sizes.overhead_rounds,
-                                             warmup=sizes.warmup)
+  return interleaved_overhead(config, jax.devices(), rounds=sizes.overhead_rounds,
+                              warmup=sizes.warmup)
 
 
 def run_step_part(record: PartRecord, sizes: Sizes, *, dtype: str, smoke: bool,
                   methods: Sequence[str]) -> None:
   """Step figures per method at the Pascal setting in `dtype`; in float32 also the passes overhead."""
   import jax  # pylint: disable=g-import-not-at-top
-  from uccl_jax.benchmark import step as step_benchmark  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.device_figures import measure_matmul_rate  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.overhead import overhead_percent  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.step import benchmark_methods  # pylint: disable=g-import-not-at-top
   from uccl_jax.models import deeplab  # pylint: disable=g-import-not-at-top
   config = pascal_config(dtype, smoke=smoke)
   devices = jax.devices()
   record.update(**_device_fields(), dtype=dtype, setting=_setting(config, len(devices)),
                 timed_steps=sizes.timed_steps, warmup=sizes.warmup)
-  matmul = step_benchmark.measure_matmul_rate(deeplab.DTYPES[dtype], devices[0], sizes.matmul_size)
+  matmul = measure_matmul_rate(deeplab.DTYPES[dtype], devices[0], sizes.matmul_size)
   record.update(matmul=matmul, methods=[])
   for method in methods:
-    rows = step_benchmark.benchmark_methods(config, [method], devices, steps=sizes.timed_steps,
-                                            warmup=sizes.warmup, matmul=matmul)
+    rows = benchmark_methods(config, [method], devices, steps=sizes.timed_steps,
+                             warmup=sizes.warmup, matmul=matmul)
     record.update(methods=record.data['methods'] + rows)
-  record.update(uccl_overhead_percent=step_benchmark.overhead_percent(record.data['methods']))
+  record.update(uccl_overhead_percent=overhead_percent(record.data['methods']))
   if dtype == 'float32':
     if {'unimatch', 'uccl'} <= set(methods):
       record.update(overhead_passes=_overhead(config, 'passes', sizes))
@@ -427,7 +442,8 @@ def run_input_part(record: PartRecord, sizes: Sizes, *, smoke: bool, work: pathl
   """Idle fraction of the training loop: the loop's step time against the step alone."""
   import jax  # pylint: disable=g-import-not-at-top
   from uccl_jax import train  # pylint: disable=g-import-not-at-top
-  from uccl_jax.benchmark import step as step_benchmark  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.random_inputs import random_train_state  # pylint: disable=g-import-not-at-top
+  from uccl_jax.benchmark.timing import time_step  # pylint: disable=g-import-not-at-top
   from uccl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from uccl_jax.models import deeplab  # pylint: disable=g-import-not-at-top
   if (SCHEDULE_STEPS % sizes.input_steps_per_epoch or sizes.input_steps > sizes.input_steps_per_epoch
@@ -452,10 +468,10 @@ def run_input_part(record: PartRecord, sizes: Sizes, *, smoke: bool, work: pathl
                 workers=pipeline.resolve_workers(int(config.data.workers)),
                 available_cpus=pipeline.available_cpus())
   model = deeplab.from_config(config.model, int(config.data.num_classes))
-  host_state = step_benchmark.random_train_state(config, model, seed=int(config.train.seed),
-                                                 total_steps=SCHEDULE_STEPS)
-  pure = step_benchmark.time_step(config, devices, steps=sizes.timed_steps, warmup=sizes.warmup,
-                                  host_state=host_state)
+  host_state = random_train_state(config, model, seed=int(config.train.seed),
+                                  total_steps=SCHEDULE_STEPS)
+  pure = time_step(config, devices, steps=sizes.timed_steps, warmup=sizes.warmup,
+                   host_state=host_state)
   del host_state
   record.update(pure={'step_time_s': pure['step_time_s'], 'compile_s': pure['compile_s'],
                       'steps': sizes.timed_steps})
@@ -537,10 +553,10 @@ def child_env(cache_dir: str, *, smoke: bool) -> dict[str, str]:
   smoke figures mean nothing anyway).
   """
   env = dict(os.environ)
-  flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', env.get('XLA_FLAGS', ''))
-  if smoke and '--xla_backend_optimization_level' not in flags:
-    flags += ' --xla_backend_optimization_level=0'
-  env['XLA_FLAGS'] = ' '.join(flags.split())
+  xla_flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', env.get('XLA_FLAGS', ''))
+  if smoke and '--xla_backend_optimization_level' not in xla_flags:
+    xla_flags += ' --xla_backend_optimization_level=0'
+  env['XLA_FLAGS'] = ' '.join(xla_flags.split())
   env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
   env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
   env['PYTHONPATH'] = str(REPO) + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
@@ -799,53 +815,77 @@ def format_summary(report: Mapping[str, Any]) -> str:
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one line, no usage block
-    raise GpuCheckError(message)
+@dataclasses.dataclass(frozen=True)
+class _Args:
+  """The parsed command line, checked."""
+  out: str
+  parts: list[str]
+  methods: list[str]
+  smoke: bool
+  budget_s: float
+  cache_dir: str
+  part: str  # the next three: set by the parent command to run one part in a child process
+  record: str
+  work: str
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  parser = _Parser(prog='python -m uccl_jax.benchmark gpu_check', description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=DEFAULT_OUT, help='output folder (three files)')
-  parser.add_argument('--parts', default=','.join(PART_NAMES),
-                      help=f'comma-separated, run in this order; from {",".join(PART_NAMES)}')
-  parser.add_argument('--methods', default=','.join(METHODS),
-                      help='methods of the float32 and bfloat16 step parts')
-  parser.add_argument('--smoke', action='store_true', help='tiny network and data, few steps')
-  parser.add_argument('--budget_s', type=float, default=DEFAULT_BUDGET_S,
-                      help='wall-clock budget of all parts together, seconds')
-  parser.add_argument('--cache_dir', default='',
-                      help=f'JAX compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else '
-                      f'{DEFAULT_CACHE_DIR.relative_to(REPO)})')
-  # Used by the parent to start one part in a child process.
-  parser.add_argument('--part', default='', help=argparse.SUPPRESS)
-  parser.add_argument('--record', default='', help=argparse.SUPPRESS)
-  parser.add_argument('--work', default='', help=argparse.SUPPRESS)
-  args = parser.parse_args(list(argv))
-  args.parts = [p.strip() for p in args.parts.split(',') if p.strip()]
-  unknown = [p for p in args.parts if p not in PART_NAMES]
-  if unknown or not args.parts or len(set(args.parts)) != len(args.parts):
-    raise GpuCheckError(f'--parts={",".join(args.parts)}: expected distinct names from '
-                        f'{",".join(PART_NAMES)}')
-  args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-  if not args.methods or any(m not in METHODS for m in args.methods):
-    raise GpuCheckError(f'--methods={",".join(args.methods)}: expected names from {",".join(METHODS)}')
-  if not args.budget_s > 0:
-    raise GpuCheckError(f'--budget_s={args.budget_s}: must be positive')
-  if args.part and args.part not in PART_NAMES:
-    raise GpuCheckError(f'--part={args.part}: expected one of {",".join(PART_NAMES)}')
-  if args.part and not (args.record and args.work):
-    raise GpuCheckError('--part needs --record and --work (it is started by the parent command)')
-  return args
+def _define_flags() -> flags.FlagValues:
+  """The flags on a private FlagValues, so that importing or running this defines nothing global."""
+  values = flags.FlagValues()
+  flags.DEFINE_string('out', DEFAULT_OUT, 'Output folder (three files).', flag_values=values)
+  flags.DEFINE_list('parts', list(PART_NAMES), 'Parts to run, in this order; from '
+                    f'{",".join(PART_NAMES)}.', flag_values=values)
+  flags.DEFINE_list('methods', list(METHODS), 'Methods of the float32 and bfloat16 step parts.',
+                    flag_values=values)
+  flags.DEFINE_bool('smoke', False, 'Tiny network and data, few steps.', flag_values=values)
+  flags.DEFINE_float('budget_s', DEFAULT_BUDGET_S, 'Wall-clock budget of all parts together, '
+                     'seconds.', flag_values=values)
+  flags.DEFINE_string('cache_dir', '', 'JAX compilation cache (default: $JAX_COMPILATION_CACHE_DIR, '
+                      f'else {DEFAULT_CACHE_DIR.relative_to(REPO)}).', flag_values=values)
+  for name in ('part', 'record', 'work'):
+    flags.DEFINE_string(name, '', 'Internal: set by the parent command to run one part in a child '
+                        'process.', flag_values=values)
+  return values
+
+
+def _parse(argv: Sequence[str]) -> _Args | None:
+  """The checked flags of `argv` (argv[0] is 'gpu_check'); None after printing --help.
+
+  Raises:
+    cli.CommandLineError: a bad flag or value (one line naming it).
+  """
+  values = _define_flags()
+  if not subcommand.parse(argv, values, __doc__):
+    return None
+  parts = [p.strip() for p in values.parts if p.strip()]
+  unknown = [p for p in parts if p not in PART_NAMES]
+  if unknown or not parts or len(set(parts)) != len(parts):
+    raise cli.CommandLineError(f'--parts={",".join(parts)}: expected distinct names from '
+                               f'{",".join(PART_NAMES)}')
+  methods = [m.strip() for m in values.methods if m.strip()]
+  if not methods or any(m not in METHODS for m in methods):
+    raise cli.CommandLineError(f'--methods={",".join(methods)}: expected names from '
+                               f'{",".join(METHODS)}')
+  if not values.budget_s > 0:
+    raise cli.CommandLineError(f'--budget_s={values.budget_s}: must be positive')
+  if values.part and values.part not in PART_NAMES:
+    raise cli.CommandLineError(f'--part={values.part}: expected one of {",".join(PART_NAMES)}')
+  if values.part and not (values.record and values.work):
+    raise cli.CommandLineError('--part needs --record and --work (it is started by the parent '
+                               'command)')
+  return _Args(out=values.out, parts=parts, methods=methods, smoke=values.smoke,
+               budget_s=values.budget_s, cache_dir=values.cache_dir, part=values.part,
+               record=values.record, work=values.work)
 
 
 def main(argv: Sequence[str]) -> int:
   """`argv[0]` is 'gpu_check'; returns the exit status (see the module docstring)."""
   try:
-    args = _parse(argv[1:])
-  except GpuCheckError as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 2
+    args = _parse(argv)
+  except cli.CommandLineError as error:
+    return subcommand.fail(error)
+  if args is None:  # --help
+    return 0
   if args.part:
     return run_part(args.part, pathlib.Path(args.record), smoke=args.smoke, methods=args.methods,
                     work=pathlib.Path(args.work))

@@ -17,49 +17,106 @@ default: B=4, 81x81, C=21, D=256):
 one-hot matmul and as what `uccl_jax.losses` uses (segment_sum forward, custom
 gather backward).
 Medians are noisy on a shared machine; the minimum is the steadier figure.
+The step benchmark's loss figure (`measure_losses`) is the jax timing above at
+the step's own feature size.
+
+usage:
+  python -m uccl_jax.benchmark losses [--batch=4] [--size=81] [--classes=21] [--channels=256]
+      [--threshold=0.95] [--variant=reference] [--ignored_fraction=0.1] [--repeats=20]
+      [--loop_repeats=3] [--[no]torch_loops] [--compare_segment_ops] [--seed=0]
+      [--log_level=none]
+
+examples:
+  python -m uccl_jax.benchmark losses
+  python -m uccl_jax.benchmark losses --size=201 --classes=19 --notorch_loops
+  python -m uccl_jax.benchmark losses --compare_segment_ops --repeats=50
+
+Exit status 0 on success, 2 with one line on stderr for a bad flag.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from uccl_jax import cli
 from uccl_jax import losses
 from uccl_jax import losses_reference
+from uccl_jax.benchmark import subcommand
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark losses',
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=4)
-  parser.add_argument('--size', type=int, default=81, help='feature map height = width')
-  parser.add_argument('--classes', type=int, default=21)
-  parser.add_argument('--channels', type=int, default=256)
-  parser.add_argument('--threshold', type=float, default=0.95, help='SBU confidence threshold')
-  parser.add_argument('--variant', choices=losses.SBU_VARIANTS, default='reference')
-  parser.add_argument('--ignored_fraction', type=float, default=0.1)
-  parser.add_argument('--repeats', type=int, default=20, help='timed calls of the jitted loss')
-  parser.add_argument('--loop_repeats', type=int, default=3, help='timed calls of the loops')
-  parser.add_argument('--torch_loops', action=argparse.BooleanOptionalAction, default=True,
-                      help='also time the loops on torch tensors, forward + backward')
-  parser.add_argument('--compare_segment_ops', action='store_true')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(list(argv))
-  for name in ('batch', 'size', 'classes', 'channels', 'repeats', 'loop_repeats'):
-    if getattr(args, name) < 1:
-      parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
-  return args
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What the command times: the input shapes, the loss variant and how often (its flags)."""
+  batch: int = 4
+  size: int = 81  # feature map height = width
+  classes: int = 21
+  channels: int = 256
+  threshold: float = 0.95  # SBU confidence threshold
+  variant: str = 'reference'
+  ignored_fraction: float = 0.1
+  repeats: int = 20  # timed calls of the jitted loss
+  loop_repeats: int = 3  # timed calls of the loops
+  torch_loops: bool = True
+  compare_segment_ops: bool = False
+  seed: int = 0
 
 
-def _inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
+def _define_flags() -> flags.FlagValues:
+  """The flags (Setting's fields) on a private FlagValues, so that nothing global is defined."""
+  values = flags.FlagValues()
+  default = Setting()
+  flags.DEFINE_integer('batch', default.batch, 'Images.', flag_values=values)
+  flags.DEFINE_integer('size', default.size, 'Feature map height = width.', flag_values=values)
+  flags.DEFINE_integer('classes', default.classes, 'Classes.', flag_values=values)
+  flags.DEFINE_integer('channels', default.channels, 'Feature channels D.', flag_values=values)
+  flags.DEFINE_float('threshold', default.threshold, 'SBU confidence threshold.', flag_values=values)
+  flags.DEFINE_enum('variant', default.variant, losses.SBU_VARIANTS, 'SBU variant.',
+                    flag_values=values)
+  flags.DEFINE_float('ignored_fraction', default.ignored_fraction, 'Share of ignored pixels.',
+                     flag_values=values)
+  flags.DEFINE_integer('repeats', default.repeats, 'Timed calls of the jitted loss.',
+                       flag_values=values)
+  flags.DEFINE_integer('loop_repeats', default.loop_repeats, 'Timed calls of the loops.',
+                       flag_values=values)
+  flags.DEFINE_bool('torch_loops', default.torch_loops, 'Also time the loops on torch tensors, '
+                    'forward + backward.', flag_values=values)
+  flags.DEFINE_bool('compare_segment_ops', default.compare_segment_ops, "Also time CKR's class-"
+                    'feature sums three ways.', flag_values=values)
+  flags.DEFINE_integer('seed', default.seed, 'Seed of the random inputs.', flag_values=values)
+  cli.define_log_level_flag(values)
+  return values
+
+
+def _parse(argv: Sequence[str]) -> tuple[Setting, str] | None:
+  """The Setting and --log_level of `argv` (argv[0] is the benchmark name); None after --help.
+
+  Raises:
+    cli.CommandLineError: a bad flag or value (one line naming it).
+  """
+  values = _define_flags()
+  if not subcommand.parse(argv, values, __doc__):
+    return None
+  subcommand.require_positive(values, 'batch', 'size', 'classes', 'channels', 'repeats',
+                              'loop_repeats')
+  if not 0 <= values.ignored_fraction < 1:
+    raise cli.CommandLineError(f'--ignored_fraction={values.ignored_fraction}: must be in [0, 1)')
+  setting = Setting(**{field.name: values[field.name].value
+                       for field in dataclasses.fields(Setting)})
+  return setting, values.log_level
+
+
+def _inputs(args: Setting) -> dict[str, np.ndarray]:
   """Random logits/features; weak logits scaled so that conf spans both sides of 0.95."""
   rng = np.random.default_rng(args.seed)
   logits_shape = (args.batch, args.size, args.size, args.classes)
@@ -87,7 +144,7 @@ def _describe(times: list[float]) -> str:
   return f'median {statistics.median(times) * 1e3:9.2f} ms   min {min(times) * 1e3:9.2f} ms'
 
 
-def _jax_step(args: argparse.Namespace,
+def _jax_step(args: Setting,
               data: dict[str, np.ndarray]) -> tuple[Callable[[], Any], float, dict[str, float]]:
   """The jitted forward+backward, the total loss (for the cross-check), XLA's cost model."""
 
@@ -114,11 +171,26 @@ def time_jax_losses(*, batch: int, size: int, classes: int, channels: int,
   The same inputs and timed step as the command (one compile call first); the
   step benchmark uses it at its feature size.
   """
-  args = _parse(['--batch', str(batch), '--size', str(size), '--classes', str(classes),
-                 '--channels', str(channels), '--threshold', str(threshold), '--variant', variant,
-                 '--repeats', str(repeats)])
+  args = Setting(batch=batch, size=size, classes=classes, channels=channels, threshold=threshold,
+                 variant=variant, repeats=repeats)
   call, _, _ = _jax_step(args, _inputs(args))
   return _time(call, repeats)
+
+
+def measure_losses(config: ml_collections.ConfigDict, repeats: int = 10) -> dict[str, Any]:
+  """SBU + CKR forward+backward (jitted) at the step's feature size: the step benchmark's loss figure.
+
+  Says how much of the uccl step the two losses are.
+  """
+  feature_size = -(-int(config.data.crop_size) // 4)  # deep stem + max pool: ceil(crop / 4)
+  times = time_jax_losses(
+      batch=int(config.train.batch_size), size=feature_size,
+      classes=int(config.data.num_classes), channels=int(config.model.head_channels),
+      threshold=float(config.sbu.threshold), variant=str(config.sbu.variant), repeats=repeats)
+  return {'batch': int(config.train.batch_size), 'feature_size': feature_size,
+          'classes': int(config.data.num_classes), 'channels': int(config.model.head_channels),
+          'sbu_ckr_fwd_bwd_s': statistics.median(times), 'sbu_ckr_fwd_bwd_min_s': min(times)}
+
 
 
 def _read_features_once(data: dict[str, np.ndarray]) -> tuple[Callable[[], Any], int]:
@@ -129,7 +201,7 @@ def _read_features_once(data: dict[str, np.ndarray]) -> tuple[Callable[[], Any],
   return lambda: jax.block_until_ready(read(weak, strong)), weak.nbytes
 
 
-def _numpy_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> float:
+def _numpy_loops(args: Setting, data: dict[str, np.ndarray]) -> float:
   sbu = losses_reference.sbu_loss(data['weak_logits'], data['strong_logits'],
                                   data['weak_features'], data['strong_features'], data['ignore'],
                                   threshold=args.threshold, variant=args.variant)
@@ -138,7 +210,7 @@ def _numpy_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> float
   return float(sbu + ckr)
 
 
-def _torch_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> Callable[[], Any]:
+def _torch_loops(args: Setting, data: dict[str, np.ndarray]) -> Callable[[], Any]:
   import torch  # pylint: disable=g-import-not-at-top  # optional, benchmark only
 
   def run() -> None:
@@ -157,7 +229,7 @@ def _torch_loops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> Calla
   return run
 
 
-def _compare_segment_ops(args: argparse.Namespace, data: dict[str, np.ndarray]) -> None:
+def _compare_segment_ops(args: Setting, data: dict[str, np.ndarray]) -> None:
   """CKR's class features sum_p w_p F_p per (image, class), forward + backward, four ways."""
   batch, size, classes = args.batch, args.size, args.classes
   pixels = size * size
@@ -193,7 +265,14 @@ def _speed_up(loop_times: list[float], jax_times: list[float]) -> str:
 
 def main(argv: Sequence[str]) -> int:
   """Runs the benchmark; argv[0] is the benchmark name (as dispatched by __main__)."""
-  args = _parse(argv[1:])
+  try:
+    parsed = _parse(argv)
+  except cli.CommandLineError as error:
+    return subcommand.fail(error)
+  if parsed is None:  # --help
+    return 0
+  args, log_level = parsed
+  cli.setup_console(log_level)
   data = _inputs(args)
   print(f'SBU ({args.variant}) + CKR at B={args.batch}, {args.size}x{args.size}, '
         f'C={args.classes}, D={args.channels}, threshold={args.threshold}; '

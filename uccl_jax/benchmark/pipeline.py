@@ -1,7 +1,14 @@
 """Host cost of the input pipeline per training step, at the Pascal and Cityscapes settings.
 
-`python -m uccl_jax.benchmark pipeline [--settings=pascal,cityscapes] [--steps=4]
-[--step_times=0.1,0.25] [--workers=N] [--json=FILE]`
+usage:
+  python -m uccl_jax.benchmark pipeline [--settings=pascal,cityscapes] [--steps=4]
+      [--step_times=0.1,0.25] [--workers=N] [--batch_size=8] [--source_size=HxW]
+      [--crop=N] [--json=FILE] [--log_level=none]
+
+examples:
+  python -m uccl_jax.benchmark pipeline
+  python -m uccl_jax.benchmark pipeline --settings=cityscapes --workers=4 --json=pipeline.json
+  python -m uccl_jax.benchmark pipeline --settings=pascal --steps=1 --batch_size=2
 
 What an accelerator needs from the host each step (DESIGN.md, "Feeding
 accelerators"), measured on generated images of each dataset's size:
@@ -19,13 +26,20 @@ accelerators"), measured on generated images of each dataset's size:
 Pascal: 375x500 JPEG images (VOC's size) -> crop 321. Cityscapes: 1024x2048
 PNGs -> crop 801. The images are smooth scenes with noise, so decoding costs
 about what real photographs cost.
+
+The step benchmark's pipeline figure (`measure_pipeline_throughput`) comes
+from here too: the same images and timing at a config's crop, batch and
+workers.
+
+Exit status 0 on success, 2 with one line on stderr for a bad flag.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -33,11 +47,15 @@ import tempfile
 import time
 from typing import Any
 
+from absl import flags
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
+from uccl_jax import cli
 from uccl_jax import config as config_lib
+from uccl_jax.benchmark import subcommand
 from uccl_jax.data import pipeline
 from uccl_jax.data import transforms
 
@@ -54,17 +72,10 @@ class Setting:
 
 SETTINGS = {'pascal': Setting('pascal', (375, 500), 'jpg', 321),
             'cityscapes': Setting('cityscapes', (1024, 2048), 'png', 801)}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-  """'HxW' -> (H, W), an argparse type: a bad value is one line naming what was given."""
-  try:
-    height, width = (int(part) for part in text.lower().split('x'))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'image size must look like 1024x2048, not {text!r}') from None
-  if height <= 0 or width <= 0:
-    raise argparse.ArgumentTypeError(f'image size must be positive, not {text!r}')
-  return height, width
+# Typical source image sizes per dataset, for the step benchmark's pipeline figure (Pascal VOC
+# images are about 500x375; Cityscapes 2048x1024; the demo dataset 256x128).
+SOURCE_SIZES = {**{name: setting.source_size for name, setting in SETTINGS.items()},
+                'synthetic': (128, 256)}
 
 
 def _scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +181,39 @@ def measure_host_cost(config, num_steps: int) -> dict[str, float]:
           'core_s_per_step': cpu / num_steps, 'wall_s_per_step': wall / num_steps}
 
 
+def measure_pipeline_throughput(config: ml_collections.ConfigDict,
+                                source_size: tuple[int, int] | None = None, *,
+                                batches: int = 3, samples: int = 4) -> dict[str, Any]:
+  """The input pipeline at the config's crop, batch and workers, on generated PNGs.
+
+  The same images and timing as the command; source images default to the
+  dataset's typical size (SOURCE_SIZES). What the step benchmark reports beside
+  the step time: whether the host keeps up at the step's own setting.
+  """
+  if source_size is None:
+    crop = int(config.data.crop_size)
+    source_size = SOURCE_SIZES.get(config.data.name, (crop, crop))
+  batch_size = int(config.train.batch_size)
+  with tempfile.TemporaryDirectory(prefix='uccl_step_bench_pipeline_') as folder:
+    root = pathlib.Path(folder)
+    splits = write_dataset(root, source_size, 2 + 2 * batch_size, num_labeled=2)
+    data_config = copy.deepcopy(config)
+    with data_config.unlocked():
+      # write_dataset writes the Cityscapes layout with train ids 0..18.
+      data_config.data.name = 'cityscapes'
+      data_config.data.source = 'folder'
+      data_config.data.root = str(root)
+      data_config.data.labeled_split, data_config.data.unlabeled_split, data_config.data.val_split = splits
+      data_config.data.num_classes = 19
+    one = measure_one_worker(data_config, samples)
+    full = measure_pipeline(data_config, batches)
+  return {'source_size': list(source_size),
+          'workers': pipeline.resolve_workers(int(config.data.workers)),
+          'batch_size': batch_size, 'crop_size': int(config.data.crop_size),
+          'batches_per_s': full['batches_per_s'], 'unlabeled_per_s': full['unlabeled_per_s'],
+          'one_worker_sample_s': one['sample_s'], 'one_worker_cpu_s': one['cpu_s']}
+
+
 def run_setting(setting: Setting, *, steps: int, workers: int | None,
                 step_times: list[float]) -> dict[str, Any]:
   """All figures of one setting, on images generated into a temporary folder."""
@@ -211,47 +255,81 @@ def format_report(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog='python -m uccl_jax.benchmark pipeline',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--settings', default='pascal,cityscapes',
-                      help=f'comma-separated, from {", ".join(SETTINGS)}')
-  parser.add_argument('--steps', type=int, default=4, help='steps timed after the first')
-  parser.add_argument('--step_times', default='0.1,0.25',
-                      help='device step times (s) to size the host for')
-  parser.add_argument('--workers', type=int, default=0,
-                      help='also time the whole pipeline with this many grain workers')
-  parser.add_argument('--batch_size', type=int, default=8, help='global batch per stream')
-  parser.add_argument('--source_size', type=parse_size, default=None,
-                      help='HxW of the generated images (default: each setting\'s)')
-  parser.add_argument('--crop', type=int, default=None, help='crop size (default: each setting\'s)')
-  parser.add_argument('--json', default='', help='also write the figures to this file')
-  args = parser.parse_args(argv[1:])
-  names = [name.strip() for name in args.settings.split(',') if name.strip()]
+def _define_flags() -> flags.FlagValues:
+  """The flags on a private FlagValues, so that importing or running this defines nothing global."""
+  values = flags.FlagValues()
+  flags.DEFINE_list('settings', list(SETTINGS), f'Settings to measure, from {", ".join(SETTINGS)}.',
+                    flag_values=values)
+  flags.DEFINE_integer('steps', 4, 'Steps timed after the first.', flag_values=values)
+  flags.DEFINE_list('step_times', ['0.1', '0.25'], 'Device step times (s) to size the host for.',
+                    flag_values=values)
+  flags.DEFINE_integer('workers', 0, 'Also time the whole pipeline with this many grain workers.',
+                       flag_values=values)
+  flags.DEFINE_integer('batch_size', 8, 'Global batch per stream.', flag_values=values)
+  flags.DEFINE_string('source_size', '', "HxW of the generated images (default: each setting's).",
+                      flag_values=values)
+  flags.DEFINE_integer('crop', 0, "Crop size (0: each setting's).", flag_values=values)
+  flags.DEFINE_string('json', '', 'Also write the figures to this file.', flag_values=values)
+  cli.define_log_level_flag(values)
+  return values
+
+
+def _settings(values: flags.FlagValues) -> tuple[list[Setting], list[float]]:
+  """The settings and step times the flags ask for; CommandLineError (one line) for a bad value."""
+  names = [name.strip() for name in values.settings if name.strip()]
   unknown = [name for name in names if name not in SETTINGS]
   if unknown or not names:
-    parser.error(f'--settings: unknown {", ".join(unknown) or "(none given)"}; '
-                 f'choose from {", ".join(SETTINGS)}')
+    raise cli.CommandLineError(f'--settings: unknown {", ".join(unknown) or "(none given)"}; '
+                               f'choose from {", ".join(SETTINGS)}')
   try:
-    step_times = [float(t) for t in args.step_times.split(',')]
+    step_times = [float(t) for t in values.step_times]
   except ValueError:
-    parser.error(f'--step_times must be comma-separated seconds, not {args.step_times!r}')
-  if args.steps < 1 or args.batch_size < 1 or any(t <= 0 for t in step_times):
-    parser.error('--steps, --batch_size and --step_times must be positive')
-  rows = []
+    raise cli.CommandLineError(f'--step_times={",".join(values.step_times)}: expected '
+                               'comma-separated seconds like 0.1,0.25') from None
+  if not step_times or any(t <= 0 for t in step_times):
+    raise cli.CommandLineError(f'--step_times={",".join(values.step_times)}: must be positive')
+  subcommand.require_positive(values, 'steps', 'batch_size')
+  for name in ('workers', 'crop'):
+    if values[name].value < 0:
+      raise cli.CommandLineError(f'--{name}={values[name].value}: must be >= 0')
+  settings = []
   for name in names:
-    setting = dataclasses.replace(SETTINGS[name], batch_size=args.batch_size)
-    if args.source_size:
-      setting = dataclasses.replace(setting, source_size=args.source_size)
-    if args.crop:
-      setting = dataclasses.replace(setting, crop_size=args.crop)
-    print(f'{name}: generating {3 * setting.batch_size} images and timing {args.steps} steps ...',
-          flush=True)
-    rows.append(run_setting(setting, steps=args.steps, workers=args.workers or None,
+    setting = dataclasses.replace(SETTINGS[name], batch_size=values.batch_size)
+    if values.source_size:
+      setting = dataclasses.replace(
+          setting, source_size=subcommand.parse_size(values.source_size, '--source_size'))
+    if values.crop:
+      setting = dataclasses.replace(setting, crop_size=values.crop)
+    settings.append(setting)
+  return settings, step_times
+
+
+def main(argv: list[str]) -> int:
+  """argv[0] is the benchmark name (as dispatched by __main__); returns the exit status."""
+  values = _define_flags()
+  try:
+    if not subcommand.parse(argv, values, __doc__):
+      return 0  # --help
+    settings, step_times = _settings(values)
+    if values.json:  # a path that cannot be written fails now, not after the timing
+      if os.path.isdir(values.json):
+        raise cli.CommandLineError(f'--json={values.json}: is a folder; give a file name')
+      cli.check_output_dir(os.path.dirname(os.path.abspath(values.json)), '--json')
+  except cli.CommandLineError as error:
+    return subcommand.fail(error)
+  cli.setup_console(values.log_level)
+  rows = []
+  for setting in settings:
+    print(f'{setting.name}: generating {3 * setting.batch_size} images and timing {values.steps} '
+          'steps ...', flush=True)
+    rows.append(run_setting(setting, steps=values.steps, workers=values.workers or None,
                             step_times=step_times))
   print(format_report(rows))
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+  if values.json:
+    path = pathlib.Path(values.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    print(f'wrote {path}')
   return 0
 
 

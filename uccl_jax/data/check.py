@@ -105,11 +105,37 @@ def _outline(image: np.ndarray, box: np.ndarray, color: tuple[int, int, int]) ->
   return image
 
 
-def preview_grid(config: Any, *, num_samples: int = 3, seed: int = 0, workdir: str | None = None) -> np.ndarray:
-  """A uint8 grid, one row per sample: labeled crop | its coloured mask | weak | strong 1 | strong 2.
+PREVIEW_CAPTIONS = ('crop', 'mask', 'weak', 'strong 1', 'strong 2')
+CAPTION_HEIGHT = 16  # pixels of the header strip above the grid's columns
+_GAP = 4  # white pixels between tiles
 
-  The strong views carry their CutMix boxes outlined (red, blue). Drawn with the
-  training transforms themselves, so the preview shows what the model will see.
+
+def caption_strip(captions: Sequence[str], tile_width: int, gap: int = _GAP) -> np.ndarray:
+  """uint8 [CAPTION_HEIGHT, W, 3]: each caption in black on white above its column of the grid.
+
+  Each caption is drawn on its own column-wide canvas (centred, clipped when the
+  column is narrower than the text), so a long caption never runs into the next column.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  columns = []
+  for caption in captions:
+    canvas = Image.new('RGB', (tile_width, CAPTION_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), caption)
+    x = max(0, (tile_width - (right - left)) // 2) - left
+    y = max(0, (CAPTION_HEIGHT - (bottom - top)) // 2) - top
+    draw.text((x, y), caption, fill=(0, 0, 0))
+    columns += [np.asarray(canvas), np.full((CAPTION_HEIGHT, gap, 3), 255, np.uint8)]
+  return np.concatenate(columns[:-1], axis=1)
+
+
+def preview_grid(config: Any, *, num_samples: int = 3, seed: int = 0, workdir: str | None = None) -> np.ndarray:
+  """A uint8 grid under a caption strip, one row per sample: crop | mask | weak | strong 1 | strong 2.
+
+  The columns are the labeled crop, its coloured mask over it, and an unlabeled
+  image's weak and two strong views. The strong views carry their CutMix boxes
+  outlined (red, blue). Drawn with the training transforms themselves, so the
+  preview shows what the model will see.
   """
   from uccl_jax.data import transforms  # pylint: disable=g-import-not-at-top
   class_table = classes.for_dataset(config.data.name)
@@ -117,7 +143,8 @@ def preview_grid(config: Any, *, num_samples: int = 3, seed: int = 0, workdir: s
   unlabeled = sources.make_source(config, 'unlabeled', workdir=workdir)
   rng = np.random.default_rng(seed)
   crop = int(config.data.crop_size)
-  rows = []
+  width = len(PREVIEW_CAPTIONS) * crop + _GAP * (len(PREVIEW_CAPTIONS) - 1)
+  rows = [caption_strip(PREVIEW_CAPTIONS, crop)]
   for sample in range(num_samples):
     labeled_crop = transforms.labeled_view(labeled[sample % len(labeled)], crop, rng,
                                            vflip_prob=config.data.vflip_prob)
@@ -128,9 +155,9 @@ def preview_grid(config: Any, *, num_samples: int = 3, seed: int = 0, workdir: s
     tiles = [labeled_crop['image'], overlay, views['weak'],
              _outline(views['strong1'], views['box1'], (255, 0, 0)),
              _outline(views['strong2'], views['box2'], (0, 0, 255))]
-    separator = np.full((crop, 4, 3), 255, np.uint8)
+    separator = np.full((crop, _GAP, 3), 255, np.uint8)
     row = []
     for tile in tiles:
       row += [np.asarray(tile, np.uint8), separator]
-    rows += [np.concatenate(row[:-1], axis=1), np.full((4, len(tiles) * crop + 4 * (len(tiles) - 1), 3), 255, np.uint8)]
+    rows += [np.concatenate(row[:-1], axis=1), np.full((_GAP, width, 3), 255, np.uint8)]
   return np.concatenate(rows[:-1], axis=0)

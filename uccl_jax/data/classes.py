@@ -93,7 +93,19 @@ def synthetic() -> ClassTable:
   return ClassTable('synthetic', SYNTHETIC_NAMES, SYNTHETIC_COLORS)
 
 
-_TABLES = {'cityscapes': cityscapes, 'pascal': pascal, 'synthetic': synthetic}
+# The source domain the demo's backbone is pretrained on (synthetic_source.py draws them).
+SYNTHETIC_SOURCE_NAMES = ('backdrop', 'facade', 'foliage', 'vehicle', 'figure', 'post', 'disc', 'stripes')
+SYNTHETIC_SOURCE_COLORS = ((0, 0, 0), (70, 70, 70), (107, 142, 35), (0, 0, 142), (220, 20, 60),
+                           (220, 220, 0), (255, 128, 0), (0, 200, 200))
+
+
+def synthetic_source() -> ClassTable:
+  """The demo's pretraining source domain's classes (uccl_jax/data/synthetic_source.py)."""
+  return ClassTable('synthetic_source', SYNTHETIC_SOURCE_NAMES, SYNTHETIC_SOURCE_COLORS)
+
+
+_TABLES = {'cityscapes': cityscapes, 'pascal': pascal, 'synthetic': synthetic,
+           'synthetic_source': synthetic_source}
 
 
 def for_dataset(name: str) -> ClassTable:

@@ -124,11 +124,12 @@ def epoch_steps(num_records: int, global_batch: int, *, list_field: str) -> int:
 
 
 def per_process_batch(global_batch: int, process_count: int) -> int:
-  """train.batch_size divided over the processes (each process feeds its own devices)."""
-  if global_batch <= 0 or global_batch % process_count:
-    raise PipelineError(
-        f'train.batch_size={global_batch} must be a positive multiple of the process count '
-        f'({process_count})')
+  """train.batch_size divided over the processes (each process feeds its own devices).
+
+  A batch that does not divide is `parallel.BatchSizeError` (the check is parallel's).
+  """
+  from uccl_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.check_batch_size(global_batch, None, process_count=process_count)
   return global_batch // process_count
 
 

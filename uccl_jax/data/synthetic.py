@@ -27,23 +27,24 @@ from __future__ import annotations
 
 import colorsys
 import json
-import logging
 import os
 import pathlib
-import shutil
-import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from uccl_jax import cache
 from uccl_jax.data import classes
+from uccl_jax.data.errors import DataError
 
 VERSION = 1  # bump when the generator's output changes, so cached copies are not reused
 SKY, GROUND, BUILDING, TREE, CAR, PERSON, POLE = range(7)
 NUM_CLASSES = len(classes.SYNTHETIC_NAMES)
 _TRAIN_CITY, _VAL_CITY = 'synthville', 'synthtown'
+DEMO_NUM_TRAIN, DEMO_NUM_LABELED = 400, 16  # the demo's dataset (configs/synthetic.py relies on them)
 
 
 def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
@@ -244,7 +245,24 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (128, 256),
   return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 400, num_labeled: int = 16,
+def write_scenes(root: pathlib.Path, split: str, city: str,
+                 scenes: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+  """Writes (image, mask) pairs in the Cityscapes layout under `root`; returns their split lines."""
+  (root / 'leftImg8bit' / split / city).mkdir(parents=True, exist_ok=True)
+  (root / 'gtFine' / split / city).mkdir(parents=True, exist_ok=True)
+  lines = []
+  for index, (image, mask) in enumerate(scenes):
+    stem = f'{city}_{index:06d}_000019'
+    image_rel = f'leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png'
+    mask_rel = f'gtFine/{split}/{city}/{stem}_gtFine_labelTrainIds.png'
+    Image.fromarray(image).save(root / image_rel)
+    Image.fromarray(mask).save(root / mask_rel)
+    lines.append(f'{image_rel} {mask_rel}\n')
+  return lines
+
+
+def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DEMO_NUM_TRAIN,
+             num_labeled: int = DEMO_NUM_LABELED,
              num_val: int = 64, size: tuple[int, int] = (128, 256), difficulty: float = 0.5) -> pathlib.Path:
   """Writes the dataset under `root` (which must not hold a dataset already) and returns `root`.
 
@@ -258,17 +276,10 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 40
   root = pathlib.Path(root)
   lines = {'train': [], 'val': []}
   for split, city, count in (('train', _TRAIN_CITY, num_train), ('val', _VAL_CITY, num_val)):
-    (root / 'leftImg8bit' / split / city).mkdir(parents=True, exist_ok=True)
-    (root / 'gtFine' / split / city).mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-      rng = np.random.default_rng([seed, 0 if split == 'train' else 1, index])
-      image, mask = render_scene(rng, size, difficulty)
-      stem = f'{city}_{index:06d}_000019'
-      image_rel = f'leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png'
-      mask_rel = f'gtFine/{split}/{city}/{stem}_gtFine_labelTrainIds.png'
-      Image.fromarray(image).save(root / image_rel)
-      Image.fromarray(mask).save(root / mask_rel)
-      lines[split].append(f'{image_rel} {mask_rel}\n')
+    lines[split] = write_scenes(
+        root, split, city,
+        (render_scene(np.random.default_rng([seed, 0 if split == 'train' else 1, index]), size, difficulty)
+         for index in range(count)))
   labeled = set(np.random.default_rng(seed).permutation(num_train)[:num_labeled].tolist())
   (root / 'splits').mkdir(exist_ok=True)
   (root / 'splits' / 'labeled.txt').write_text(''.join(l for i, l in enumerate(lines['train']) if i in labeled))
@@ -282,52 +293,21 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 40
   return root
 
 
-def default_cache_dir() -> pathlib.Path:
-  """$UCCL_JAX_CACHE, else $XDG_CACHE_HOME/uccl_jax, else ~/.cache/uccl_jax."""
-  if os.environ.get('UCCL_JAX_CACHE'):
-    return pathlib.Path(os.environ['UCCL_JAX_CACHE'])
-  return pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'uccl_jax'
-
-
 def ensure_dataset(root: str | os.PathLike[str] | None = None, *, seed: int = 0, **settings: Any) -> pathlib.Path:
   """The dataset's folder, generated on first use; a cut-off generation never leaves a trusted half.
 
-  Generation goes into a temporary sibling folder renamed into place at the end,
-  so `root` exists only when complete. An existing `root` is reused when its
-  synthetic.json matches the settings; anything else there is left alone (error).
+  Generation goes into a temporary sibling folder renamed into place at the end
+  (uccl_jax/cache.py), so `root` exists only when complete. An existing `root`
+  is reused when its synthetic.json matches the settings; anything else there is
+  left alone (DataError). `root` None: a folder in the cache named by the settings.
   """
-  from uccl_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top  (avoid an import cycle)
   if root is None:
     suffix = '' if not settings else '-' + '-'.join(f'{k}{v}' for k, v in sorted(settings.items()))
-    root = default_cache_dir() / f'synthetic-v{VERSION}-seed{seed}{suffix.replace(" ", "")}'
-  root = pathlib.Path(root).expanduser()
+    root = cache.default_cache_dir() / f'synthetic-v{VERSION}-seed{seed}{suffix.replace(" ", "")}'
   wanted = {'version': VERSION, 'seed': seed, **settings}
-  if root.exists():
-    try:
-      found = json.loads((root / 'synthetic.json').read_text())
-    except (OSError, ValueError):
-      raise DataError(f'{root}: exists but is not a generated synthetic dataset (no readable synthetic.json); '
-                      'choose another folder') from None
-    mismatched = {key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value
-                  and not (isinstance(value, tuple) and found.get(key) == list(value))}
-    if mismatched:
-      raise DataError(f'{root}/synthetic.json: generated with other settings {mismatched} (found, wanted)')
-    return root
-  root.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f'.{root.name}.partial-'))
-  try:
-    generate(staging, seed=seed, **settings)
-    try:
-      os.rename(staging, root)
-    except OSError:
-      if not (root / 'synthetic.json').exists():  # lost a race only if the winner finished
-        raise
-      shutil.rmtree(staging, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  logging.info('Generated the synthetic dataset in %s', root)
-  return root
+  return cache.ensure_folder(root, wanted, 'synthetic.json',
+                             lambda staging: generate(staging, seed=seed, **settings),
+                             'a generated synthetic dataset', error=DataError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--height', type=int, default=128)
   parser.add_argument('--width', type=int, default=256)
   args = parser.parse_args(argv)
-  from uccl_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
   try:
     root = ensure_dataset(args.out, seed=args.seed, difficulty=args.difficulty, num_train=args.num_train,
                           num_labeled=args.num_labeled, num_val=args.num_val, size=(args.height, args.width))
