@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -73,22 +74,33 @@ def test_a_second_call_reuses_the_folder_and_other_settings_are_refused(pretrain
     pretrain.ensure_backbone(other, pretrained.parent)
 
 
-def test_demo_value_pretrains_once_into_the_cache_with_the_demo_network(source_root, tmp_path, monkeypatch):
+def test_demo_value_pretrains_once_into_the_cache_with_the_demo_network(pretrained, tmp_path, monkeypatch):
+  """'synthetic:source' builds the cache folder of the demo network's pretraining config, once.
+
+  The build itself is the fixture's (tested above); here it is replaced by a copy of its result.
+  """
   monkeypatch.setenv('UCCL_JAX_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setattr(pretrain, 'default_config', lambda: tiny_config(source_root))
   import ml_collections  # pylint: disable=g-import-not-at-top
   demo = ml_collections.ConfigDict({'model': {'pretrained': 'synthetic:source', 'backbone': 'resnet18',
                                               'width': 4, 'head_channels': 8, 'stem': 'deep',
                                               'output_stride': 16, 'dilations': (6, 12, 18)}})
-  calls = []
-  real = train.train_and_evaluate
-  monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: calls.append(a) or real(*a))
+  built = []
+
+  def copy_build(folder, config, settings, say):
+    assert (config.model.width, config.model.head_channels) == (demo.model.width, 8)  # the demo's network
+    assert config.method == 'supervised' and config.data.name == 'synthetic_source'
+    built.append(folder)
+    shutil.copytree(pretrained, folder / pretrain.BACKBONE_DIR)
+    (folder / pretrain.INFO_FILE).write_text(json.dumps(settings))
+  monkeypatch.setattr(pretrain, '_build', copy_build)
   first = train.pretrained_path(demo)
-  assert pathlib.Path(first).parent.parent == tmp_path / 'cache' and len(calls) == 1
-  assert train.pretrained_path(demo) == first and len(calls) == 1  # cached: no second pretraining
+  assert pathlib.Path(first).parent.parent == tmp_path / 'cache' and len(built) == 1
+  assert train.pretrained_path(demo) == first and len(built) == 1  # cached: no second pretraining
   train.check_pretrained(demo)
   assert 'strict load passed' in train.describe_backbone(demo)
   assert [p.name for p in (tmp_path / 'cache').iterdir() if p.name.startswith('.')] == []
+  demo.model.width = 8  # another network: another folder
+  assert train.pretrained_path(demo) != first and len(built) == 2
 
 
 def test_command_line_bad_out_is_one_line(tmp_path):

@@ -436,13 +436,10 @@ def test_a_config_that_does_not_fit_the_checkpoint_names_the_fields(tiny_dataset
   assert str(raised.value) == (
       f'{workdir}/checkpoints/4: saved with model.width=4, data.num_classes=7; the config says '
       "model.width=32, data.num_classes=19 (use the run's config, or another --workdir)")
-  # --mode=eval restores without the config check: the arrays' shapes, and the saved fields.
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=rf'^{workdir}/checkpoints/4: cannot restore into this model/optimizer: '
-                           r'\d+ arrays differ \(first: .*: saved \(.*\), the model has \(.*\)\); the '
-                           r'run was saved with model.backbone=resnet18, model.width=4, '
-                           r'model.head_channels=8, model.stem=deep, data.num_classes=7$'):
+  # --mode=eval makes the same check against the run's config.json.
+  with pytest.raises(checkpoint.CheckpointError) as raised:
     train.evaluate_checkpoint(config, str(workdir), 'latest')
+  assert str(raised.value).startswith(f'{workdir}/checkpoints/4: saved with model.width=4, ')
   # Without config.json the shapes still stop it, before any array is read.
   (workdir / 'config.json').unlink()
   del before[workdir / 'config.json']
