@@ -204,7 +204,8 @@ def _prior_run_folder(path: pathlib.Path) -> dict[pathlib.Path, bytes]:
 def test_bad_inputs_give_one_line_and_keep_the_run_folder(tiny_dataset, tmp_path, flags, message):
   workdir = tmp_path / 'run'
   before = _prior_run_folder(workdir)
-  base = ['--config=configs/synthetic.py', f'--workdir={workdir}', f'--config.data.root={tiny_dataset}']
+  base = ['--config=configs/synthetic.py', f'--workdir={workdir}', f'--config.data.root={tiny_dataset}',
+          '--config.model.pretrained=none']
   if any(flag.startswith('--config=') for flag in flags):
     base = [flag for flag in base if not flag.startswith('--config')]
   proc = run_main(*base, *flags, timeout=300)

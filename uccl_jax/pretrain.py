@@ -39,7 +39,6 @@ from uccl_jax import cache
 from uccl_jax.config import base_config
 
 VERSION = 1  # bump when pretraining's code changes what it produces, so cached backbones are not reused
-GENERATED_SOURCE_BACKBONE = 'synthetic:source'  # the model.pretrained value that asks for this backbone
 INFO_FILE = 'pretrain.json'
 BACKBONE_DIR = 'backbone'
 RUN_DIR = 'run'

@@ -71,6 +71,9 @@ CHECKPOINT_DIR = 'checkpoints'
 # The device-to-host transfer guard of the per-step part of the loop: implicit copies (float(x),
 # np.asarray(x) of a device array) raise. Tests tighten it to 'disallow_explicit'.
 STEP_TRANSFER_GUARD = 'disallow'
+# The model.pretrained value of the demo's backbone, pretrained on the generated source domain on
+# first use (uccl_jax/pretrain.py).
+GENERATED_BACKBONE = 'synthetic:source'
 # The clock of checkpoint.every_minutes (tests replace it).
 _clock = time.monotonic
 
@@ -233,7 +236,7 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
   value = str(config.model.pretrained).strip()
   if value.lower() in ('', 'none'):
     return None
-  if value == 'synthetic:source':
+  if value == GENERATED_BACKBONE:
     from uccl_jax import pretrain  # pylint: disable=g-import-not-at-top  (it trains through this module)
     try:
       return str(pretrain.ensure_backbone(pretrain.for_demo(config)))
@@ -458,11 +461,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if os.path.isdir(checkpoints_dir):
     reader = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True)
     latest = reader.latest_step()
-  if latest is None:
+  generated_backbone = str(config.model.pretrained).strip() == GENERATED_BACKBONE
+  if latest is None and not generated_backbone:
     check_pretrained(config)
   mesh = _make_mesh(config)
   train_sources = open_train_sources(config, workdir)
   check_data_files(config, train_sources)
+  if latest is None and generated_backbone:  # after the cheap checks: it may pretrain for minutes
+    check_pretrained(config)
   plan = make_plan(config, train_sources)
   model = build_model(config)
   create_state = _state_factory(config, model, mesh, plan.schedule_steps)

@@ -10,9 +10,17 @@ Rows (method, sbu.enabled, ckr.enabled):
   supervised only  (supervised)      UniMatch baseline (unimatch)
   + SBU            (uccl, SBU)       + CKR             (uccl, CKR)
   UCCL             (uccl, SBU + CKR)
-and one row beyond Table III: UCCL with unsup.anchors = 'pasted' (SBU and
+and two rows beyond Table III: UCCL with unsup.anchors = 'pasted' (SBU and
 CKR anchors taken from the existing passes instead of two extra weak passes,
-uccl_jax/step.py), which shows what the cheaper step costs in accuracy.
+uccl_jax/step.py), which shows what the cheaper step costs in accuracy, and
+UCCL with sbu.variant = 'paper' (Eq. 7 as written instead of the released
+code's image-wide softmax).
+
+The footing is the config's: the demo config starts from the backbone
+pretrained on the generated source domain (model.pretrained =
+'synthetic:source'), whose block and plot (ablation_miou_pretrained.png) are
+separate from the from-scratch ones (--config.model.pretrained=none), so both
+tables stay side by side in RESULTS.md.
 
 Each run is `python -m uccl_jax.main` in a subprocess (its own folder
 <workdir>/<row>/seed<k>, its log in log.txt); runs share JAX's persistent
