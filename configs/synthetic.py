@@ -30,19 +30,19 @@ The budget and why:
   images (4 steps) and it trains 48 of them, evaluated at the same steps 96 and
   192. Without this the comparison said nothing (supervised trained 8 steps).
 - 192 steps keep the first run (generation + pretraining + training) within a
-  few minutes on 2 cores. Longer runs were measured and do not change the
-  comparison (384 steps: UCCL +0.4 over supervised; docs/RESULTS.md 2c).
+  few minutes on 2 cores; longer runs do not change the comparison
+  (docs/RESULTS.md 2c).
 - Crop 97 and widths 16/64 are kept from the from-scratch demo: a network that
-  trains 192 steps in about a minute and a half on 2 cores.
+  trains 192 steps in a minute or two on 2 cores.
 - Thresholds 0.95, as the Pascal recipe (`unsup.conf_thresh` for the UniMatch
   pseudo-label losses, `sbu.threshold` for SBU's uncertain pixels; see
-  configs/cityscapes.py for why they are separate fields); 0.8 was measured and
-  is not better (docs/RESULTS.md 2c).
-What it shows, measured (docs/RESULTS.md section 2): the pretrained footing
-lifts UCCL from 26.6 mIoU (the from-scratch demo) to 39.6 (seed 0), but on this
-generated task the unlabeled images do not add 5 points over supervised-only;
-the three methods end level within the seed spread, and person and pole are not
-learned at this budget by any method.
+  configs/cityscapes.py for why they are separate fields); a lower threshold is
+  not better here (docs/RESULTS.md 2c).
+What it shows (docs/RESULTS.md section 2): the pretrained footing lifts every
+method well above the from-scratch demo, but on this generated task the
+unlabeled images do not put the semi-supervised methods ahead of
+supervised-only, and person and pole are not learned at this budget by any
+method.
 """
 
 from __future__ import annotations

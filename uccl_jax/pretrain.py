@@ -53,12 +53,10 @@ class PretrainError(Exception):
 def default_config() -> ml_collections.ConfigDict:
   """Supervised training of the demo network on the source domain (every image labeled).
 
-  Budget: 1536 steps of batch 8 (24 passes over the 512 source images), about
-  three minutes on a 2-core CPU. The length and rate were chosen by the demo
-  runs in docs/RESULTS.md section 2: 384 steps at lr 0.02 reach a source val
-  mIoU of 14, 768 at 0.05 of 22, 1152 of 32, 1536 (with the thin-object-rich
-  source, VERSION 2) of 39, and the demo's supervised baseline rises with it
-  (from 27 to 40 mIoU at 192 steps). Learning rate: the whole network learns
+  Budget: 1536 steps of batch 8 (24 passes over the 512 source images), a few
+  minutes on a 2-core CPU. Length and rate were chosen by the demo runs in
+  docs/RESULTS.md section 2c: longer pretraining raised the source val mIoU and,
+  with it, the demo's supervised baseline. Learning rate: the whole network learns
   from scratch here, so backbone and head share one rate (lr_multi 1), as an
   ImageNet training would.
   """
