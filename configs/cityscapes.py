@@ -1,8 +1,9 @@
 """Cityscapes with UniMatch's split lists: the paper's Cityscapes recipe (UCCL Table II).
 
 Run (one 4-GPU node; `--config.train.grad_accum=4` with batch 8 follows it on one GPU). Memory:
-XLA estimates the UCCL step at 33.9 GiB per GPU (2 images per stream), 15.7 GiB with
-`--config.model.remat=True` (README, "Memory per GPU"; estimates from XLA:CPU, not GPU figures):
+`--config.model.remat=True` roughly halves XLA's estimate of the UCCL step per GPU; the estimates
+and what to set per GPU size are in README, "Memory per GPU" (docs/RESULTS.md section 1f; XLA:CPU
+estimates, not GPU figures):
   python -m uccl_jax.main --config=configs/cityscapes.py:1_16 --workdir=runs/cityscapes_1_16 \
       --config.data.root=/path/to/cityscapes
   sbatch --nodes=1 launch/slurm.sh --config=configs/cityscapes.py:1_8 --workdir=runs/cs_1_8

@@ -1,8 +1,8 @@
 """Pascal VOC 2012 (+SBD) with UniMatch's split lists: the paper's VOC recipe (UCCL Table I).
 
 Run (one 4-GPU node; one GPU works too, add `--config.train.grad_accum=...` to match its memory,
-or `--config.model.remat=True`: XLA estimates the UCCL step with all 8 images per stream on one
-device at 22.4 GiB, 9.9 GiB with remat; README, "Memory per GPU"):
+or `--config.model.remat=True`; XLA's estimates for all 8 images per stream on one device, with and
+without remat: README, "Memory per GPU", and docs/RESULTS.md section 1f):
   python -m uccl_jax.main --config=configs/pascal.py:183 --workdir=runs/pascal_183 \
       --config.data.root=/path/to/VOC2012
   sbatch --nodes=1 launch/slurm.sh --config=configs/pascal.py:732 --workdir=runs/pascal_732

@@ -1,7 +1,8 @@
 """The photometric part of UniMatch's strong views, on the device, from parameters drawn on the host.
 
-Applying a strong view costs the host ~10 ms of CPU at 801x801 (32 per step at
-the Cityscapes setting), so the host only draws the parameters
+Applying a strong view on the host costs milliseconds of CPU at 801x801, and a
+Cityscapes step has 32 of them (the host's cost per step: docs/RESULTS.md
+section 4a), so the host only draws the parameters
 (`transforms.draw_strong_params`, in UniMatch's order of draws) and the train
 step applies them here, to the weak view it already has. The ops emulate the
 host's (`transforms.apply_strong_params_host`) integer by integer, with the
@@ -40,11 +41,11 @@ compiled slot instead of four: half the compile time, same result); in each,
 every image selects its own op with `jnp.where`, so every slot computes both
 the blend and the hue shift for the whole batch. The arithmetic is int32 on
 three channel planes (exact, and XLA:CPU is ~1.6x slower on interleaved
-channels). Cost: XLA:CPU on the 2-core development machine, ~85-120 ms per
-801x801 image (PIL/OpenCV on the host: ~13 ms), so a CPU-only run pays more
-than it did; on a GPU it is a few memory-bound passes over the image (~0.2 GB
-of traffic per 801x801 view, an estimate, not yet measured on a GPU), well
-under a millisecond per view next to a ResNet-50 pass of ~100 ms.
+channels). Cost: on XLA:CPU these ops take several times what PIL/OpenCV take
+on the host per 801x801 image, so a CPU-only run pays more than it did; on a
+GPU they are a few memory-bound passes over the image (~0.2 GB of traffic per
+801x801 view, an estimate, not a GPU measurement), small next to a
+ResNet-50 pass (GPU step times: docs/RESULTS.md section 1d).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The train batch: what the host ships for one step, and what the step makes of it on the device.
 
 The host sends bytes and numbers, never anything it can describe more briefly
-(DESIGN.md, "Feeding accelerators"): at the Cityscapes setting this is ~49 MiB
-per step where dense float32 views were 548 MiB. Per process, leading axis
-B = train.batch_size / process count, S = data.crop_size, P = the length of
-`transforms.STRONG_PARAMS`:
+(DESIGN.md, "Feeding accelerators"): at the Cityscapes setting a small fraction
+of what dense float32 views took (both figures: docs/RESULTS.md section 4a).
+Per process, leading axis B = train.batch_size / process count,
+S = data.crop_size, P = the length of `transforms.STRONG_PARAMS`:
 
   labeled    image uint8 [B,S,S,3]; mask uint8 [B,S,S] (255 = ignore)
   unlabeled  weak uint8 [B,S,S,3]; strong1, strong2 float32 [B,P] (photometric

@@ -13,7 +13,8 @@ valid = not ignore, cos = `ops.cosine_similarity` (PyTorch's CosineSimilarity,
 eps 1e-6).
 
 Why it looks the way it does. The released PyTorch code loops over images and
-classes (about 1 s per step for SBU + CKR at B=4, 81x81, C=21). Here each
+classes, which is slow at the paper's sizes (`python -m uccl_jax.benchmark
+losses --torch_loops` times those loops against this module). Here each
 (image b, class c) pair is one segment, segment id b * C + c:
   * Scalar per-segment reductions (counts, maxima, softmax denominators,
     weighted CE sums) are masked reductions over the pixel axis of the [B, P, C]

@@ -91,8 +91,8 @@ def _json_value(value: Any) -> Any:
 def _import_tensorboardx():
   """tensorboardX, imported without letting it import torch.
 
-  tensorboardX imports torch at import time when it is installed (3 s and a few
-  hundred MB, for tensor types we never pass); this project runs without
+  tensorboardX imports torch at import time when it is installed (a slow import
+  that takes much memory, for tensor types we never pass); this project runs without
   PyTorch, so torch is hidden for the duration of the import unless something
   already imported it.
   """

@@ -58,10 +58,10 @@ then prints the command that finishes them (the cache makes it quick).
 
 --smoke: the same parts on a tiny network (ResNet-18 width 4, head 8, crop
 33, batch 2), tiny generated data and a few steps: a check that the command
-works; its figures mean nothing. On this project's shared 2-core CPU it took
-4 min 48 s from an empty compilation cache (parts 71 / 63 / 88 / 29 / 32 s,
-nearly all XLA compilation of the UniMatch and UCCL steps), so the tests run
-one cheap part of it and test the rest piece by piece.
+works; its figures mean nothing. On a CPU its time goes nearly all into XLA
+compilation of the UniMatch and UCCL steps (its time on this project's 2-core
+CPU: docs/RESULTS.md, "GPU check"), so the tests run one cheap part of it and
+test the rest piece by piece.
 
 Output, in --out (default runs/gpu_check; launch/gpu_check.sh uses $OUT when
 set), three files and nothing else: gpu_check.json (every figure, rewritten
@@ -123,13 +123,12 @@ METHODS = ('supervised', 'unimatch', 'uccl')  # smallest program first: each row
 
 # The bf16 training check. The two runs start from the same initial weights and see the same
 # batches; only rounding differs (bfloat16 keeps 8 significant bits; parameters, BN statistics and
-# losses stay float32), but the trajectories drift apart step by step. Measured on this project's
-# 2-core CPU (docs/RESULTS.md, "GPU check"), 100 demo steps: the first step's losses 0.13% apart,
-# single steps of the last 20 up to 14.5% apart, their means 3.4% apart (3.3-4.6% over the last
-# 10-40 steps), while the float32 loss itself falls by a third between the first and the last 20
-# steps (0.69 -> 0.46). 10% leaves the drift of a working bf16 path 2-3x headroom and still fails a
-# run that stops learning, diverges or produces NaN; it cannot see a bias of a few percent (one
-# 100-step run cannot tell that from drift).
+# losses stay float32), but the trajectories drift apart step by step. In the one such run on this
+# project's 2-core CPU (100 demo steps; its figures: docs/RESULTS.md, "GPU check") single steps
+# drifted further apart than the window's means, which stayed a few percent apart while the float32
+# loss itself fell by about a third. 10% leaves the drift of a working bf16 path 2-3x headroom and
+# still fails a run that stops learning, diverges or produces NaN; it cannot see a bias of a few
+# percent (one 100-step run cannot tell that from drift).
 LOSS_TOLERANCE = 0.10
 LOSS_WINDOW = 20
 # The training loop's idle fraction up to which the input pipeline is said to keep up.

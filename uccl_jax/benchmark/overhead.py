@@ -25,8 +25,8 @@ def interleaved_overhead(config: ml_collections.ConfigDict, devices: Sequence[ja
   """The SBU+CKR overhead with unimatch and uccl steps timed in alternation.
 
   Why: timed one method after the other, the two medians see different
-  minutes of a shared machine (on this project's 2-core CPU the same uccl
-  step measured 0.33-0.44 s in three consecutive runs), which swamps an
+  minutes of a shared machine (on this project's 2-core CPU the drift between
+  runs exceeds the overhead: docs/RESULTS.md section 3), which swamps an
   overhead of a few percent. Here both steps are compiled side by side and
   each round times one step of each, in the order AB then BA, so drift hits
   both alike. overhead_percent is the median over rounds of

@@ -11,7 +11,8 @@ examples:
   python -m uccl_jax.benchmark pipeline --settings=pascal --steps=1 --batch_size=2
 
 What an accelerator needs from the host each step (DESIGN.md, "Feeding
-accelerators"), measured on generated images of each dataset's size:
+accelerators"), measured on generated images of each dataset's size (the
+figures: docs/RESULTS.md section 4a):
 * bytes per step: the host batch `make_train_iterator` hands to the devices
   (global batch 8 per stream, one process);
 * host core-seconds per step: process CPU time (all threads) of building the
@@ -19,8 +20,9 @@ accelerators"), measured on generated images of each dataset's size:
   spread over grain workers costs the same core-seconds, plus the copies
   between processes;
 * host cores needed to keep up with a device step of T seconds: core-seconds
-  per step / T (a 4-GPU H100 node runs the Cityscapes UCCL step in roughly
-  0.1 s, the paper's A6000s the Pascal one in 0.26 s);
+  per step / T (the default T of 0.1 s and 0.25 s stand for a fast multi-GPU
+  node's Cityscapes UCCL step (an assumption, not a measurement)
+  and the paper's Pascal step on its A6000s, 0.26 s);
 * with `--workers=N`: the whole pipeline with N grain workers, batches/s.
 
 Pascal: 375x500 JPEG images (VOC's size) -> crop 321. Cityscapes: 1024x2048

@@ -31,7 +31,7 @@ repeatable, independent of the worker count, and resumable from a step count:
   stream, position), never by worker or process.
 * Elements. One grain element is one sample slot of one step: the labeled,
   unlabeled and mixing samples of position q (three decodes, two with
-  data.mix_images='same'; ~0.1 core-s at the Cityscapes setting). grain's
+  data.mix_images='same'; the cost per step: docs/RESULTS.md section 4a). grain's
   `mp_prefetch` spreads the elements over `data.workers` processes and
   `batch` stacks B of them in the calling process, so N workers share every
   batch. `data.workers = -1` (the default) takes the CPUs this process may
@@ -40,7 +40,7 @@ repeatable, independent of the worker count, and resumable from a step count:
   (one background read thread).
 * Layout. Samples are what `uccl_jax.inputs` documents: uint8 images and masks,
   the strong views as photometric parameters, boxes as four numbers; the device
-  builds the rest inside the step. ~49 MiB per Cityscapes step (global batch 8).
+  builds the rest inside the step (the bytes per step: docs/RESULTS.md section 4a).
 
 The returned iterator (a grain DatasetIterator) has `get_state()` ->
 {'step': n} and `set_state()`; a restored iterator yields exactly the batches

@@ -20,8 +20,8 @@ run them without PyTorch:
   saturation with PIL's ImageEnhance as torchvision does, the hue shift in
   OpenCV's 8-bit HSV), RandomGrayscale p 0.2 (PIL luma), Gaussian blur with
   sigma U(0.1, 2.0) with p 0.5 (OpenCV), then a CutMix box with p 0.5.
-  The host draws a strong view's parameters (`draw_strong_params`, ~20 us);
-  applying them costs ~10 ms of CPU at 801x801, so the train step does it on
+  Drawing a strong view's parameters (`draw_strong_params`) is cheap for the
+  host; applying them at 801x801 costs far more CPU, so the train step does it on
   the device (`uccl_jax.augment`); `apply_strong_params_host` is the host twin.
 
 Every random draw comes from the `np.random.Generator` the caller passes in

@@ -4,10 +4,11 @@ Evaluation scores every image at full resolution (a Cityscapes image is
 1024x2048), so the host does as little per image as it can (DESIGN.md,
 "Feeding accelerators"): it decodes the PNG/JPEG and ships the uint8 pixels
 and the byte mask; normalisation and every count happen on the device
-(`uccl_jax.evaluate`). Decoding (~40 ms for a Cityscapes pair) runs in
-`read_threads` background threads, a few images ahead, so the decode of image
-n+1 overlaps the device's work on image n; PIL and NumPy release the GIL while
-they decode and check, so threads suffice and no worker process is started.
+(`uccl_jax.evaluate`). Decoding, the host's main cost per image (PNG decoding
+times: docs/RESULTS.md section 4a), runs in `read_threads` background threads,
+a few images ahead, so the decode of image n+1 overlaps the device's work on
+image n; PIL and NumPy release the GIL while they decode and check, so threads
+suffice and no worker process is started.
 
 Process p of P takes records p, p + P, p + 2P, ... of the val list: the shares
 are disjoint, together they are the whole list, and they differ in size by at
@@ -24,7 +25,7 @@ import grain
 import ml_collections
 import numpy as np
 
-MAX_READ_THREADS = 4  # a Cityscapes pair takes ~40 ms of one core: 4 threads feed ~100 images/s
+MAX_READ_THREADS = 4  # enough decoding threads to keep ahead of a GPU evaluating Cityscapes
 _AHEAD_PER_THREAD = 2  # decoded images waiting per thread (a Cityscapes pair is 8 MB)
 
 

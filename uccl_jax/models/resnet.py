@@ -40,10 +40,10 @@ STEMS = ('deep', 'standard')
 # What a rematerialised block or stem keeps for the backward pass besides its inputs:
 # nothing, so the backward keeps one feature map per block (its input, the previous
 # block's output) and recomputes the rest: one more backbone forward per trained pass.
-# Measured on the UCCL Cityscapes step (docs/RESULTS.md, "Memory per device"):
-# dots_saveable (keep the conv outputs, recompute BN and ReLU) costs no FLOPs but
-# keeps several feature maps per block and left XLA's estimate at 24.5 GiB, against
-# 15.7 GiB with nothing_saveable (33.9 GiB without remat).
+# On the UCCL Cityscapes step, dots_saveable (keep the conv outputs, recompute BN and
+# ReLU) costs no FLOPs but keeps several feature maps per block, which leaves XLA's
+# estimate well above nothing_saveable's (the figures: docs/RESULTS.md section 1f,
+# "The checkpoint policy").
 REMAT_POLICY: Any = jax.checkpoint_policies.nothing_saveable
 
 
