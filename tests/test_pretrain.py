@@ -103,6 +103,17 @@ def test_demo_value_pretrains_once_into_the_cache_with_the_demo_network(pretrain
   assert train.pretrained_path(demo) != first and len(built) == 2
 
 
+def test_a_new_source_generator_version_is_a_new_backbone_folder(monkeypatch):
+  """The generated source's version is part of the key: a changed generator never reuses old weights."""
+  config = DEFAULT_CONFIG()
+  before = pretrain.default_folder(config)
+  assert pretrain.settings_of(config)['source_version'] == synthetic_source.VERSION
+  monkeypatch.setattr(synthetic_source, 'VERSION', synthetic_source.VERSION + 1)
+  assert pretrain.default_folder(config) != before
+  config.data.root = '/data/my_source'  # a folder of the user's: its contents are theirs to version
+  assert 'source_version' not in pretrain.settings_of(config)
+
+
 def test_command_line_bad_out_is_one_line(tmp_path):
   (tmp_path / 'a_file').write_text('mine')
   proc = subprocess.run([sys.executable, '-m', 'uccl_jax.pretrain', '--config=configs/synthetic_pretrain.py',

@@ -289,7 +289,8 @@ def reference_loss(params, *, state, batch, teacher, model, config):
     out, upd = model.apply({'params': params, 'batch_stats': stats}, images, train=True,
                            feature_perturbation=fp, rngs={'dropout': keys[p]},
                            mutable=['batch_stats'])
-    stats = upd['batch_stats']
+    if p != 4 or config.unsup.bn_stats_from_strong:  # False: the strong pass's update is dropped
+      stats = upd['batch_stats']
     outs.append(out)
   out_xw, out_s = outs[-2:]
   n = lab['image'].shape[0]
@@ -333,11 +334,13 @@ def reference_loss(params, *, state, batch, teacher, model, config):
   return loss, (metrics, stats)
 
 
-@pytest.mark.parametrize('anchors', ['passes', 'pasted'])
-def test_loss_terms_and_gradient_match_direct_composition(anchors):
+@pytest.mark.parametrize('anchors,bn_stats_from_strong', [('passes', True), ('pasted', True),
+                                                          ('passes', False)])
+def test_loss_terms_and_gradient_match_direct_composition(anchors, bn_stats_from_strong):
   # lr 1000, no weight decay: the first update is -1000 * gradient, read back below.
   config = make_config(lr=1000.0, lr_multi=1.0, weight_decay=0.0)
   config.unsup.anchors = anchors
+  config.unsup.bn_stats_from_strong = bn_stats_from_strong
   model, state = init_state(config, total_steps=10**9)
   batch = make_batch(seed=3)
   dense = dense_batch(batch)
@@ -369,6 +372,13 @@ def test_loss_terms_and_gradient_match_direct_composition(anchors):
                                jax.tree.leaves(new_state.batch_stats)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   assert int(new_state.step) == 1
+  if not bn_stats_from_strong:  # the setting changes the statistics, not the loss or gradient
+    config.unsup.bn_stats_from_strong = True
+    release_state, release_metrics = jax.jit(functools.partial(step.train_step, model=model,
+                                                               config=config))(state, batch)
+    assert float(release_metrics['loss']) == float(metrics['loss'])
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(release_state.batch_stats),
+                                                     jax.tree.leaves(new_state.batch_stats)))
 
 
 # ---------------------------------------------------------------------------

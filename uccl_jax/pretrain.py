@@ -37,6 +37,7 @@ import ml_collections
 
 from uccl_jax import cache
 from uccl_jax.config import base_config
+from uccl_jax.data import synthetic_source
 
 VERSION = 1  # bump when pretraining's code changes what it produces, so cached backbones are not reused
 INFO_FILE = 'pretrain.json'
@@ -93,8 +94,9 @@ _NOT_IN_KEY = ('checkpoint', 'eval', 'parallel', 'train.log_every_steps', 'data.
 
 
 def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What determines the backbone: this module's version and the config's differences from
-  `base_config()` (so a field added to the schema later, at its default, keeps cached backbones).
+  """What determines the backbone: this module's version, the config's differences from
+  `base_config()` (so a field added to the schema later, at its default, keeps cached backbones)
+  and, for the generated source, the generator's version.
   """
   def flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     items = {}
@@ -110,7 +112,11 @@ def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
   changed = {key: value for key, value in flat(as_json(config)).items()
              if base.get(key, object()) != value
              and not any(key == skip or key.startswith(skip + '.') for skip in _NOT_IN_KEY)}
-  return {'version': VERSION, 'config': changed}
+  settings = {'version': VERSION, 'config': changed}
+  if config.data.name == 'synthetic_source' and not config.data.root:
+    # The generated source's own version: a changed generator makes other images, so other weights.
+    settings['source_version'] = synthetic_source.VERSION
+  return settings
 
 
 def for_demo(demo_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

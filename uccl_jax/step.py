@@ -17,6 +17,9 @@ outputs it never uses:
    is on: their features and low-resolution logits are the anchors), (c)
    labeled + unlabeled weak images with feature perturbation, (d) strong 1 +
    strong 2. With unsup.anchors = 'pasted', (a) and (b) are not run (below).
+   With unsup.bn_stats_from_strong False, pass (d) normalises with its batch's
+   statistics as always but leaves the running statistics as pass (c) left
+   them (config.py says why).
 4. L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
        + alpha (SBU_1 + SBU_2) / 2 + beta (CKR_1 + CKR_2) / 2.
    L_s, L_fp use pass (c)'s weak prediction (detached) as pseudo labels, with
@@ -356,6 +359,7 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
   use_sbu = method == 'uccl' and bool(config.sbu.enabled)
   use_ckr = method == 'uccl' and bool(config.ckr.enabled)
   anchors = config.unsup.anchors
+  bn_stats_from_strong = bool(config.unsup.bn_stats_from_strong)
   labeled = batch['labeled']
 
   def key(pass_index):
@@ -402,12 +406,13 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
   def loss_fn(p):
     stats = batch_stats
 
-    def run(images, pass_index, feature_perturbation=False):
+    def run(images, pass_index, feature_perturbation=False, keep_stats=True):
       nonlocal stats
       out, updates = model.apply({'params': p, 'batch_stats': stats}, images, train=True,
                                  feature_perturbation=feature_perturbation,
                                  rngs={'dropout': key(pass_index)}, mutable=['batch_stats'])
-      stats = updates['batch_stats']
+      if keep_stats:
+        stats = updates['batch_stats']
       return out
 
     # 3. Training-mode passes, BN statistics threaded in this order.
@@ -418,7 +423,7 @@ def _micro_batch_loss_and_grads(params: Any, teacher_stats: Any, batch_stats: An
       weak_out = [run(weak1, PASS_WEAK1), run(weak2, PASS_WEAK2)]
     out_xw = run(jnp.concatenate([labeled['image'], unlabeled['weak']]), PASS_LABELED_FP,
                  feature_perturbation=True)
-    out_s = run(jnp.concatenate([strong1, strong2]), PASS_STRONG)
+    out_s = run(jnp.concatenate([strong1, strong2]), PASS_STRONG, keep_stats=bn_stats_from_strong)
     if (use_sbu or use_ckr) and anchors == 'pasted':
       weak_out = [_pasted_anchors(box, teacher, out_xw, num_labeled) for box in (box1, box2)]
 
