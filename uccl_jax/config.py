@@ -103,8 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (True) or not (False: they follow the labeled + weak pass only, the images evaluation sees).
   # The strong views are colour-jittered, greyed, blurred and CutMix-ed, and the release's strong
   # pass is the last update of every step, so the statistics evaluation normalises with are partly
-  # those of images it never sees; on the demo this cost UCCL several mIoU points
-  # (docs/RESULTS.md section 2c). Gradients and the pass's own normalisation are unchanged.
+  # those of images it never sees (what that costs on the demo: docs/RESULTS.md section 2c-2).
+  # Gradients and the pass's own normalisation are unchanged.
   config.unsup.bn_stats_from_strong = True
 
   config.sbu = ml_collections.ConfigDict()
@@ -180,13 +180,7 @@ def apply_recipe_variants(config: ml_collections.ConfigDict, variants: tuple[str
     config.data.mix_images = 'same'
     config.data.vflip_prob = 0.0
     config.unsup.anchors = 'passes'
-  # Whether the strong views' training pass updates the BN running statistics, as in the release
-  # (True) or not (False: they follow the labeled + weak pass only, the images evaluation sees).
-  # The strong views are colour-jittered, greyed, blurred and CutMix-ed, and the release's strong
-  # pass is the last update of every step, so the statistics evaluation normalises with are partly
-  # those of images it never sees; on the demo this cost UCCL several mIoU points
-  # (docs/RESULTS.md section 2c). Gradients and the pass's own normalisation are unchanged.
-  config.unsup.bn_stats_from_strong = True
+    config.unsup.bn_stats_from_strong = True
   if 'paper' in variants:
     config.sbu.variant = 'paper'
     config.data.vflip_prob = 0.5

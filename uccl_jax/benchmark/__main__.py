@@ -3,7 +3,8 @@
 With no name (the first argument is a flag or absent) the step benchmark runs
 (uccl_jax/benchmark/step_cli.py: step time, FLOPs, MFU, memory, pipeline, scaling;
 `--help` shows its usage and examples); `losses`, `pipeline` (host cost per step),
-`eval`, `gpu_check` and `ablation` run their modules' `main(argv)`.
+`eval`, `gpu_check`, `ablation` and `teacher` (pseudo-label quality of a run's
+checkpoint) run their modules' `main(argv)`.
 
 `--scaling` on a CPU needs several devices, which JAX fixes when it starts: if
 XLA_FLAGS does not already ask for host devices, 4 fake ones are requested here,
@@ -22,6 +23,7 @@ BENCHMARKS = {
     'ablation': 'uccl_jax.benchmark.ablation',  # Table III rows trained on the demo dataset
     'eval': 'uccl_jax.benchmark.evaluation',  # evaluation images/s at the Cityscapes setting
     'gpu_check': 'uccl_jax.benchmark.gpu_check',  # every GPU figure of docs/RESULTS.md, < 8 min
+    'teacher': 'uccl_jax.benchmark.teacher',  # confident share, accuracy and class mix of pseudo-labels
 }
 FAKE_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 SCALING_FAKE_DEVICES = 4

@@ -4,10 +4,11 @@ usage:
   python -m uccl_jax.benchmark [--config=FILE[:ARG]] [--config.a.b=VALUE ...] [flags]
       The step benchmark (uccl_jax/benchmark/step.py) on random inputs of the
       config's shapes: no dataset is read. Default config: configs/pascal.py.
-  python -m uccl_jax.benchmark losses|pipeline|eval|gpu_check|ablation [flags]
+  python -m uccl_jax.benchmark losses|pipeline|eval|gpu_check|ablation|teacher [flags]
       One named benchmark: SBU + CKR against per-image loops | the host's cost
       per training step | evaluation images/s | every GPU figure of
-      docs/RESULTS.md | the paper's Table III rows on the demo dataset.
+      docs/RESULTS.md | the paper's Table III rows on the demo dataset | the
+      pseudo-label quality of a run's checkpoint.
 
 examples:
   python -m uccl_jax.benchmark --config=configs/pascal.py --methods=unimatch,uccl --json=step.json

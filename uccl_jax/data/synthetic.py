@@ -44,6 +44,7 @@ VERSION = 1  # bump when the generator's output changes, so cached copies are no
 SKY, GROUND, BUILDING, TREE, CAR, PERSON, POLE = range(7)
 NUM_CLASSES = len(classes.SYNTHETIC_NAMES)
 _TRAIN_CITY, _VAL_CITY = 'synthville', 'synthtown'
+LIGHTING = ('mild', 'varied')  # per-image conditions: render_scene
 DEMO_NUM_TRAIN, DEMO_NUM_LABELED = 400, 16  # the demo's dataset (configs/synthetic.py relies on them)
 
 
@@ -200,7 +201,7 @@ def _draw_clutter(image, mask, rng, difficulty):
 
 
 def render_scene(rng: np.random.Generator, size: tuple[int, int] = (128, 256),
-                 difficulty: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                 difficulty: float = 0.5, lighting: str = 'mild') -> tuple[np.ndarray, np.ndarray]:
   """One scene: (image uint8 [H, W, 3], mask uint8 [H, W] of class indices 0..6)."""
   height, width = size
   image = np.zeros((height, width, 3), np.float32)
@@ -238,11 +239,31 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (128, 256),
     kinds[kind_index](image, mask, rng, base_y, scale * height / 128, difficulty)
 
   _draw_clutter(image, mask, rng, difficulty)
-  # Lighting and sensor noise per image.
-  image = image * rng.uniform(0.7 - 0.2 * difficulty, 1.15) + rng.uniform(-15, 15, 3)
-  image += rng.normal(0, 3 + 12 * difficulty, image.shape)
-  image = cv2.GaussianBlur(image, (3, 3), 0.6)
+  if lighting == 'varied':
+    image = _vary_conditions(image, rng)
+  else:
+    # Lighting and sensor noise per image.
+    image = image * rng.uniform(0.7 - 0.2 * difficulty, 1.15) + rng.uniform(-15, 15, 3)
+    image += rng.normal(0, 3 + 12 * difficulty, image.shape)
+    image = cv2.GaussianBlur(image, (3, 3), 0.6)
   return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def _vary_conditions(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Each image's own light, weather and camera: the variety a few labeled images cannot cover.
+
+  Gain, contrast, saturation, colour cast, haze, blur and noise are drawn per image over wide
+  ranges, so 16 labeled images show 16 conditions while the unlabeled images show hundreds.
+  """
+  luma = image @ np.array([0.299, 0.587, 0.114], np.float32)
+  image = luma[..., None] + rng.uniform(0.0, 1.4) * (image - luma[..., None])  # saturation
+  mean = float(image.mean())
+  image = mean + rng.uniform(0.35, 1.3) * (image - mean)  # contrast
+  image = image * np.exp(rng.uniform(np.log(0.35), np.log(1.5))) * rng.uniform(0.75, 1.25, 3)  # gain, cast
+  if rng.random() < 0.4:  # haze
+    image = image + rng.uniform(0.15, 0.55) * (rng.uniform(150, 230) - image)
+  image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 1.2))
+  return image + rng.normal(0, rng.uniform(2, 18), image.shape)
 
 
 def write_scenes(root: pathlib.Path, split: str, city: str,
@@ -263,7 +284,8 @@ def write_scenes(root: pathlib.Path, split: str, city: str,
 
 def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DEMO_NUM_TRAIN,
              num_labeled: int = DEMO_NUM_LABELED,
-             num_val: int = 64, size: tuple[int, int] = (128, 256), difficulty: float = 0.5) -> pathlib.Path:
+             num_val: int = 64, size: tuple[int, int] = (128, 256), difficulty: float = 0.5,
+             lighting: str = 'mild') -> pathlib.Path:
   """Writes the dataset under `root` (which must not hold a dataset already) and returns `root`.
 
   The labeled images are `num_labeled` train images drawn with `seed`; the unlabeled list
@@ -271,6 +293,8 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DE
   """
   if not 0.0 <= difficulty <= 1.0:
     raise ValueError(f'difficulty must lie in [0, 1], not {difficulty}')
+  if lighting not in LIGHTING:
+    raise ValueError(f'lighting must be one of {", ".join(LIGHTING)}, not {lighting!r}')
   if not 0 < num_labeled <= num_train or num_val <= 0:
     raise ValueError(f'need 0 < num_labeled ({num_labeled}) <= num_train ({num_train}) and num_val > 0')
   root = pathlib.Path(root)
@@ -278,7 +302,8 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DE
   for split, city, count in (('train', _TRAIN_CITY, num_train), ('val', _VAL_CITY, num_val)):
     lines[split] = write_scenes(
         root, split, city,
-        (render_scene(np.random.default_rng([seed, 0 if split == 'train' else 1, index]), size, difficulty)
+        (render_scene(np.random.default_rng([seed, 0 if split == 'train' else 1, index]), size, difficulty,
+                      lighting)
          for index in range(count)))
   labeled = set(np.random.default_rng(seed).permutation(num_train)[:num_labeled].tolist())
   (root / 'splits').mkdir(exist_ok=True)
@@ -287,7 +312,7 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DE
   (root / 'splits' / 'train_all.txt').write_text(''.join(lines['train']))
   (root / 'splits' / 'val.txt').write_text(''.join(lines['val']))
   settings = {'version': VERSION, 'seed': seed, 'num_train': num_train, 'num_labeled': num_labeled,
-              'num_val': num_val, 'size': list(size), 'difficulty': difficulty,
+              'num_val': num_val, 'size': list(size), 'difficulty': difficulty, 'lighting': lighting,
               'classes': list(classes.SYNTHETIC_NAMES)}
   (root / 'synthetic.json').write_text(json.dumps(settings, indent=1) + '\n')
   return root
@@ -317,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--out', required=True, help='folder to create (must not exist)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--difficulty', type=float, default=0.5, help='0 (easy) .. 1 (hard)')
+  parser.add_argument('--lighting', default='mild', choices=LIGHTING)
   parser.add_argument('--num_train', type=int, default=400)
   parser.add_argument('--num_labeled', type=int, default=16)
   parser.add_argument('--num_val', type=int, default=64)
@@ -324,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--width', type=int, default=256)
   args = parser.parse_args(argv)
   try:
-    root = ensure_dataset(args.out, seed=args.seed, difficulty=args.difficulty, num_train=args.num_train,
+    root = ensure_dataset(args.out, seed=args.seed, difficulty=args.difficulty, lighting=args.lighting,
+                          num_train=args.num_train,
                           num_labeled=args.num_labeled, num_val=args.num_val, size=(args.height, args.width))
   except (DataError, ValueError) as error:
     print(f'error: {error}')
