@@ -111,3 +111,21 @@ def test_empty_root_with_name_synthetic_uses_the_cached_dataset(tmp_path, monkey
                                       'val': 'splits/val.txt', 'num_classes': 7}, 'synthetic', synthetic_seed=5)
   monkeypatch.chdir(tmp_path)  # no splits/ here: the split paths resolve against the generated root
   assert len(sources.make_source(config, 'labeled')) == 2 and asked == [{'seed': 5}]
+
+
+def test_varied_lighting_changes_the_pixels_not_the_scenes(tmp_path):
+  """lighting='varied' draws each image's conditions after its scene: same masks, other pixels."""
+  mild = synthetic.render_scene(np.random.default_rng([0, 0, 3]), (64, 128), 0.5, 'mild')
+  varied = synthetic.render_scene(np.random.default_rng([0, 0, 3]), (64, 128), 0.5, 'varied')
+  np.testing.assert_array_equal(mild[1], varied[1])
+  assert np.abs(mild[0].astype(int) - varied[0].astype(int)).mean() > 5
+  # Per-image conditions: image statistics spread far wider than with the mild lighting.
+  def spread(lighting):
+    means = [synthetic.render_scene(np.random.default_rng([0, 0, i]), (32, 64), 0.5, lighting)[0].mean()
+             for i in range(24)]
+    return np.std(means)
+  assert spread('varied') > 1.5 * spread('mild')
+  with pytest.raises(ValueError, match='lighting'):
+    synthetic.generate(tmp_path / 'bad', num_train=2, num_labeled=1, num_val=1, size=(16, 32),
+                       lighting='night')
+  assert not (tmp_path / 'bad').exists()
