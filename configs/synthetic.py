@@ -57,7 +57,8 @@ from uccl_jax.data import synthetic
 
 METHODS = ('uccl', 'unimatch', 'supervised')
 BATCH_SIZE = 4
-EPOCHS = 2
+EPOCHS = 6
+EVAL_EVERY_EPOCHS = 2
 # The generated dataset's defaults (data.root ''): 16 labeled of 400 train images.
 _NUM_TRAIN = synthetic.DEMO_NUM_TRAIN
 _NUM_LABELED = synthetic.DEMO_NUM_LABELED
@@ -94,7 +95,7 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
   config.unsup.conf_thresh = 0.95
   config.sbu.threshold = 0.95
   config.eval.mode = 'original'
-  config.eval.every_epochs = 1
+  config.eval.every_epochs = EVAL_EVERY_EPOCHS
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   if method == 'supervised':
@@ -103,5 +104,5 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
     labeled_steps = _NUM_LABELED // BATCH_SIZE
     unlabeled_steps = (_NUM_TRAIN - _NUM_LABELED) // BATCH_SIZE
     config.train.epochs = EPOCHS * unlabeled_steps // labeled_steps
-    config.eval.every_epochs = unlabeled_steps // labeled_steps
+    config.eval.every_epochs = EVAL_EVERY_EPOCHS * unlabeled_steps // labeled_steps
   return config

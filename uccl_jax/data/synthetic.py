@@ -40,7 +40,7 @@ from uccl_jax import cache
 from uccl_jax.data import classes
 from uccl_jax.data.errors import DataError
 
-VERSION = 1  # bump when the generator's output changes, so cached copies are not reused
+VERSION = 2  # bump when the generator's output changes, so cached copies are not reused
 SKY, GROUND, BUILDING, TREE, CAR, PERSON, POLE = range(7)
 NUM_CLASSES = len(classes.SYNTHETIC_NAMES)
 _TRAIN_CITY, _VAL_CITY = 'synthville', 'synthtown'
@@ -151,12 +151,12 @@ def _draw_car(image, mask, rng, base_y, scale, difficulty):
 
 def _draw_person(image, mask, rng, base_y, scale, difficulty):
   width = mask.shape[1]
-  person_h = int(rng.uniform(26, 34) * scale)
+  person_h = int(rng.uniform(40, 56) * scale)
   center_x = int(rng.uniform(0, width))
   head_r = max(2, int(person_h * 0.1))
   torso_top = base_y - person_h + 2 * head_r
   legs_top = base_y - int(person_h * 0.45)
-  half_w = max(2, int(person_h * 0.13))
+  half_w = max(3, int(person_h * 0.16))
   torso = _region(mask.shape, lambda c: cv2.ellipse(c, (center_x, (torso_top + legs_top) // 2),
                                                     (half_w, max(2, (legs_top - torso_top) // 2 + 1)), 0, 0, 360, 1, -1))
   _paint(image, mask, torso, _object_color(rng, difficulty), PERSON)
@@ -173,12 +173,12 @@ def _draw_person(image, mask, rng, base_y, scale, difficulty):
 def _draw_pole(image, mask, rng, base_y, scale, difficulty):
   width = mask.shape[1]
   x = int(rng.uniform(0, width))
-  pole_h = int(rng.uniform(40, 60) * scale)
-  pole_w = max(1, int(2.5 * scale))
+  pole_h = int(rng.uniform(50, 75) * scale)
+  pole_w = max(3, int(5 * scale))
   top = base_y - pole_h
   shaft = _region(mask.shape, lambda c: cv2.rectangle(c, (x, top), (x + pole_w, base_y), 1, -1))
   _paint(image, mask, shaft, _hsv(0, 0, rng.uniform(0.35, 0.7)), POLE)
-  size = max(3, int(rng.uniform(5, 8) * scale))
+  size = max(4, int(rng.uniform(7, 11) * scale))
   sign_color = _hsv(rng.choice([0.0, 0.15, 0.6]), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
   if rng.random() < 0.5:
     sign = _region(mask.shape, lambda c: cv2.circle(c, (x + pole_w // 2, top), size, 1, -1))
