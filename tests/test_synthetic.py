@@ -129,3 +129,30 @@ def test_varied_lighting_changes_the_pixels_not_the_scenes(tmp_path):
     synthetic.generate(tmp_path / 'bad', num_train=2, num_labeled=1, num_val=1, size=(16, 32),
                        lighting='night')
   assert not (tmp_path / 'bad').exists()
+
+
+def test_the_demo_methods_train_equally_long_and_evaluate_at_the_same_steps(tmp_path):
+  """configs/synthetic.py:<method>: same optimizer steps and evaluation steps for all three.
+
+  An epoch is a pass over the unlabeled list, or over the labeled list when there is none, so
+  the supervised variant needs more epochs; the split files here have the demo's sizes.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from uccl_jax import train  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('demo_config', pathlib.Path(__file__).parents[1] / 'configs/synthetic.py')
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  (tmp_path / 'splits').mkdir()
+  line = 'leftImg8bit/train/c/x_{0}_leftImg8bit.png gtFine/train/c/x_{0}_gtFine_labelTrainIds.png\n'
+  num_labeled = synthetic.DEMO_NUM_LABELED
+  (tmp_path / 'splits/labeled.txt').write_text(''.join(line.format(i) for i in range(num_labeled)))
+  (tmp_path / 'splits/unlabeled.txt').write_text(
+      ''.join(line.format(i) for i in range(num_labeled, synthetic.DEMO_NUM_TRAIN)))
+  plans = {}
+  for method in demo.METHODS:
+    config = demo.get_config(method)
+    config.data.root = str(tmp_path)
+    plan = train.make_plan(config, train.open_train_sources(config, None))
+    plans[method] = (plan.schedule_steps, plan.eval_steps(config.eval.every_epochs))
+  # 384 unlabeled images at batch 4: 96 steps per epoch, 6 epochs, evaluated every 2.
+  assert plans['uccl'] == plans['unimatch'] == plans['supervised'] == (576, [192, 384, 576])
