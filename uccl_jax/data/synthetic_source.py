@@ -46,7 +46,7 @@ from uccl_jax.data import classes
 from uccl_jax.data import synthetic
 from uccl_jax.data.errors import DataError
 
-VERSION = 3  # bump when the generator's output changes, so cached copies are not reused
+VERSION = 4  # bump when the generator's output changes, so cached copies are not reused
 INFO_FILE = 'synthetic_source.json'
 BACKDROP = 0  # classes 1..7: SHAPES, in order
 NUM_CLASSES = len(classes.SYNTHETIC_SOURCE_NAMES)
