@@ -56,8 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   Budget: 1536 steps of batch 8 (24 passes over the 512 source images), a few
   minutes on a 2-core CPU. Length and rate were chosen by the demo runs in
-  docs/RESULTS.md section 2c: longer pretraining raised the source val mIoU and,
-  with it, the demo's supervised baseline. Learning rate: the whole network learns
+  docs/RESULTS.md section 2c on the first source (version 2): longer pretraining
+  raised the source val mIoU and, with it, the demo's supervised baseline; they
+  were kept for the generic-shapes source (2c-2). Learning rate: the whole network learns
   from scratch here, so backbone and head share one rate (lr_multi 1), as an
   ImageNet training would.
   """
