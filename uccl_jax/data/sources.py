@@ -455,7 +455,7 @@ def split_entries(config: Any, split: str,
     labeled_names = {record_name(entry.image) for entry in read_split_file(resolve_split_path(data.labeled_split, root))}
     rest = [line for line in lines if record_name(line.image) not in labeled_names]
     if not rest:
-      raise DataError(f'data.unlabeled_split is empty and every train image is in data.labeled_split')
+      raise DataError('data.unlabeled_split is empty and every train image is in data.labeled_split')
     return root, rest, f'<train images under {root} not in data.labeled_split>'
   chosen, description = _generated_split(split, lines, data, workdir)
   return root, chosen, description
