@@ -659,13 +659,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                            'folder (train first, or pass --checkpoint=FOLDER)')
   else:
     folder, which = checkpoint, 'best'  # a run or checkpoints folder without a step: its best
-  checkpoints, step = convert.find_run_checkpoint(folder, which)
+  model, state, checkpoints, step = restore_run_checkpoint(config, folder, which)
   directory = os.fspath(checkpoints.directory)
-  mesh = make_mesh(config)
-  model = build_model(config)
-  # The schedule length is not part of the saved arrays: any value restores the same state.
-  abstract = _abstract_state(config, model, mesh, schedule_steps=1)
-  state, _ = checkpoints.restore(step, abstract, with_data=False, config=config)
   logging.info('Restored %s at step %d', directory, step)
   result = run_evaluation(config, model, state)
   names = _class_names(config)
@@ -675,6 +670,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     print(f'checkpoint {os.path.join(directory, str(step))}, eval.mode={config.eval.mode}{note}')
     print(evaluate_lib.format_iou_table(result, names), flush=True)
   return result
+
+
+def restore_run_checkpoint(config: ml_collections.ConfigDict, folder: str, which: str
+                           ) -> tuple[deeplab.DeepLabV3Plus, step_lib.TrainState, Any, int]:
+  """(model, state, the run's checkpoint manager, step) of checkpoint `which` ('best', 'latest'
+  or a step) under `folder` (a run, its checkpoints folder or a step folder), on the config's
+  network and mesh: what evaluation and the pseudo-label benchmark restore."""
+  from uccl_jax import convert  # pylint: disable=g-import-not-at-top  (torch only for .pth)
+  checkpoints, step = convert.find_run_checkpoint(folder, which)
+  mesh = make_mesh(config)
+  model = build_model(config)
+  # The schedule length is not part of the saved arrays: any value restores the same state.
+  abstract = _abstract_state(config, model, mesh, schedule_steps=1)
+  state, _ = checkpoints.restore(step, abstract, with_data=False, config=config)
+  return model, state, checkpoints, step
 
 
 def _evaluate_converted(config: ml_collections.ConfigDict, path: str) -> evaluate_lib.EvalResult:

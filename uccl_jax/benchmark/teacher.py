@@ -59,7 +59,6 @@ import numpy as np
 
 from uccl_jax import checkpoint as checkpoint_lib
 from uccl_jax import cli
-from uccl_jax import convert
 from uccl_jax import evaluate
 from uccl_jax import step as step_lib
 from uccl_jax import train
@@ -199,12 +198,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
     raise TeacherError(f'--workdir={workdir}: no {train.CHECKPOINT_DIR} folder in it (not a '
                        'trained run)')
   train.check_config(config)
-  checkpoints, step = convert.find_run_checkpoint(folder, which)
-  mesh = train.make_mesh(config)
-  model = train.build_model(config)
-  # The schedule length is not part of the saved arrays: any value restores the same state.
-  abstract = train._abstract_state(config, model, mesh, schedule_steps=1)  # pylint: disable=protected-access
-  state, _ = checkpoints.restore(step, abstract, with_data=False, config=config)
+  model, state, checkpoints, step = train.restore_run_checkpoint(config, folder, which)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   # One device predicts: the replicated copy on every device would only repeat the work.
   variables = jax.device_put(variables, jax.local_devices()[0])
