@@ -307,7 +307,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
   counts = {c: len(jax.tree.leaves(v)) for c, v in loaded.items()}
   numbers = sum(int(np.size(x)) for x in jax.tree.leaves(loaded['params']))
   subtrees = sorted(loaded['params'].keys())
-  logging.info('Loaded model.pretrained=%s: %d parameter arrays (%.2fM values) and %d BN statistics '
+  logging.debug('Loaded model.pretrained=%s: %d parameter arrays (%.2fM values) and %d BN statistics '
                'into %s', path, counts['params'], numbers / 1e6, counts.get('batch_stats', 0),
                ', '.join(subtrees))
   merged = _replicate(merged, mesh)
@@ -661,7 +661,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     folder, which = checkpoint, 'best'  # a run or checkpoints folder without a step: its best
   model, state, checkpoints, step = restore_run_checkpoint(config, folder, which)
   directory = os.fspath(checkpoints.directory)
-  logging.info('Restored %s at step %d', directory, step)
+  logging.debug('Restored %s at step %d', directory, step)
   result = run_evaluation(config, model, state)
   names = _class_names(config)
   if jax.process_index() == 0:
