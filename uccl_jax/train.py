@@ -308,8 +308,8 @@ def load_pretrained(config: ml_collections.ConfigDict, model: deeplab.DeepLabV3P
   numbers = sum(int(np.size(x)) for x in jax.tree.leaves(loaded['params']))
   subtrees = sorted(loaded['params'].keys())
   logging.debug('Loaded model.pretrained=%s: %d parameter arrays (%.2fM values) and %d BN statistics '
-               'into %s', path, counts['params'], numbers / 1e6, counts.get('batch_stats', 0),
-               ', '.join(subtrees))
+                'into %s', path, counts['params'], numbers / 1e6, counts.get('batch_stats', 0),
+                ', '.join(subtrees))
   merged = _replicate(merged, mesh)
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
 
