@@ -1,7 +1,7 @@
 """The embedded demo: UCCL end to end on the generated street-scene dataset, on a laptop CPU.
 
 Run (the first run generates the demo dataset and the source domain into ~/.cache/uccl_jax
-and pretrains the backbone there, once per machine; then it trains 576 steps and evaluates
+and pretrains the backbone there, once per machine; then it trains 594 steps and evaluates
 three times; times and mIoU measured so far: README.md's quick start and docs/RESULTS.md section 2):
   python -m uccl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 Evaluate its best checkpoint again:
@@ -10,50 +10,47 @@ The word after ':' picks the method, so the three rows of a comparison are one w
   --config=configs/synthetic.py:supervised | :unimatch | :uccl (default)
 
 The dataset (uccl_jax/data/synthetic.py): 7 classes told apart by shape,
-texture and context, 16 labeled + 384 unlabeled train images and 64 val images
-of 128 x 256, in the Cityscapes folder layout with UniMatch split files. The
-network is the real DeepLabv3+ design shrunk to fit the budget: a ResNet-18
-with base width 16, deep stem, ASPP/decoder width 64. Everything else is the
-UCCL recipe: weak/strong views, CutMix, feature perturbation, SBU and CKR with
-the paper's weights, SGD with the poly schedule, each val image evaluated whole.
+texture and context, 4 labeled + 396 unlabeled train images and 64 val images
+of 128 x 256, in the Cityscapes folder layout with UniMatch split files (the 4
+labeled images drawn so that every class is labeled somewhere). The network is
+the real DeepLabv3+ design shrunk to fit the budget: a ResNet-18 with base
+width 16, deep stem, ASPP/decoder width 64. Everything else is the UCCL recipe:
+weak/strong views, CutMix, feature perturbation, SBU and CKR with the paper's
+weights, SGD with the poly schedule, each val image evaluated whole.
 
 The footing (`model.pretrained = 'synthetic:source'`): as the paper starts from
 an ImageNet ResNet-50, the demo starts from a backbone pretrained on a generated
-source domain of generic shapes (discs, rings, stars, ...) with other layouts and
-palettes (uccl_jax/pretrain.py, uccl_jax/data/synthetic_source.py): it teaches
-edges, outlines and textures, not the demo's objects, as ImageNet does not
-teach Cityscapes' classes. `--config.model.pretrained=none` trains from random
+source domain (uccl_jax/pretrain.py, uccl_jax/data/synthetic_source.py): the
+same kinds of objects as the demo (facades, foliage, vehicles, figures, posts,
+as ImageNet has cars and people) plus source-only ones, under the source's own
+class names, floating on textured backdrops in turned palettes: no sky, no
+ground, no street layout. `--config.model.pretrained=none` trains from random
 weights (docs/RESULTS.md compares both).
 
-The budget and why:
-- Equal steps for every method: 576 optimizer steps with 4 labeled images each.
-  An epoch is a pass over the 384 unlabeled images (96 steps); the supervised
-  variant has no unlabeled list, so its epochs are passes over the 16 labeled
-  images (4 steps) and it trains 144 of them. All three evaluate at steps 192,
-  384 and 576 (every 2 epochs); the reported figure is the last.
-- 576 steps because labels must be able to matter: the unlabeled images can at
-  best add what their labels would. At 192 steps supervised-only with all 400
-  train images labeled ended level with 16 labeled ones (on every footing but
-  from scratch); by ~600 steps, on this source and dataset, all labels are
-  clearly ahead of 16 (docs/RESULTS.md 2c-2: the label-headroom runs), and the
-  first run still fits the README's time budget on 2 cores.
-- Persons and poles are drawn larger than in the dataset's version 1, which
-  no run learned at any budget (uccl_jax/data/synthetic.py).
-- Crop 97 and widths 16/64 are kept from the from-scratch demo: a network that
-  trains a step in a fraction of a second on 2 cores.
+The budget and why (docs/RESULTS.md 2a and 2c-3):
+- 4 labeled images. Semi-supervised learning pays where labels are few for
+  what the backbone already knows, as Pascal's 92 labels are for an ImageNet
+  backbone. With 16 labeled images this backbone needed nothing more: 16 did
+  as well as all 400 labeled, so the unlabeled images had nothing to add. With
+  4, supervised-only falls far short of all labels, and the unlabeled images
+  can close much of the gap. A backbone of generic shapes only (no objects;
+  the source's version 4) learned persons, poles and cars barely with any
+  number of labels, and gave the unlabeled images a teacher too weak to use.
+- Equal steps for every method: 594 optimizer steps with 4 labeled images each.
+  An epoch is a pass over the 396 unlabeled images (99 steps); the supervised
+  variant has no unlabeled list, so its epochs are passes over the 4 labeled
+  images (1 step) and it trains 594 of them. All three evaluate at steps 198,
+  396 and 594 (every 2 epochs); the reported figure is the last.
+- Crop 97 and widths 16/64: a network that trains a step in a fraction of a
+  second on 2 cores, so the first run (with the one-time generation and
+  pretraining) fits the README's 10 minutes.
 - Thresholds 0.95, as the Pascal recipe (`unsup.conf_thresh` for the UniMatch
   pseudo-label losses, `sbu.threshold` for SBU's uncertain pixels; see
-  configs/cityscapes.py for why they are separate fields); a lower threshold was
-  not better (docs/RESULTS.md 2c).
-- BN running statistics as released (`unsup.bn_stats_from_strong=True`);
-  False was no better on this footing (docs/RESULTS.md 2c-2).
-What it shows (docs/RESULTS.md section 2): on this footing labels matter (all
-400 labeled images end well above 16 at 576 steps) and UCCL and UniMatch end
-ahead of supervised-only at 576 steps on every seed, but by less than the
-issue's 5 points (+1.6 on average); run longer (768 steps) supervised-only catches up and
-passes UCCL, so the lead is UCCL getting there sooner, not a higher end point
-(2c-2). `python -m uccl_jax.benchmark teacher` shows what the pseudo-labels
-train on for any run.
+  configs/cityscapes.py for why they are separate fields).
+- BN running statistics as released (`unsup.bn_stats_from_strong=True`).
+What it shows: docs/RESULTS.md section 2a (three methods, three seeds).
+`python -m uccl_jax.benchmark teacher` shows what the pseudo-labels train on
+for any run.
 """
 
 from __future__ import annotations
@@ -67,7 +64,7 @@ METHODS = ('uccl', 'unimatch', 'supervised')
 BATCH_SIZE = 4
 EPOCHS = 6
 EVAL_EVERY_EPOCHS = 2
-# The generated dataset's defaults (data.root ''): 16 labeled of 400 train images.
+# The generated dataset's defaults (data.root ''): 4 labeled of 400 train images.
 _NUM_TRAIN = synthetic.DEMO_NUM_TRAIN
 _NUM_LABELED = synthetic.DEMO_NUM_LABELED
 
@@ -95,7 +92,7 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
   # machine on first use; 'none' trains from random weights (docs/RESULTS.md compares the two).
   config.model.pretrained = 'synthetic:source'
   config.train.batch_size = BATCH_SIZE
-  config.train.epochs = EPOCHS  # one epoch = one pass over the 384 unlabeled images: 96 steps
+  config.train.epochs = EPOCHS  # one epoch = one pass over the 396 unlabeled images: 99 steps
   config.train.lr = 0.01
   config.train.lr_multi = 10.0
   config.train.log_every_steps = 10
@@ -107,7 +104,7 @@ def get_config(method: str = 'uccl') -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   if method == 'supervised':
-    # No unlabeled list, so an epoch is a pass over the 16 labeled images (4 steps): as many
+    # No unlabeled list, so an epoch is a pass over the 4 labeled images (1 step): as many
     # epochs as make the semi-supervised runs' steps, evaluated at the same steps.
     labeled_steps = _NUM_LABELED // BATCH_SIZE
     unlabeled_steps = (_NUM_TRAIN - _NUM_LABELED) // BATCH_SIZE

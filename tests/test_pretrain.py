@@ -107,8 +107,13 @@ def test_a_new_source_generator_version_is_a_new_backbone_folder(monkeypatch):
   """The generated source's version is part of the key: a changed generator never reuses old weights."""
   config = DEFAULT_CONFIG()
   before = pretrain.default_folder(config)
-  assert pretrain.settings_of(config)['source_version'] == synthetic_source.VERSION
+  assert pretrain.settings_of(config)['source_version'] == synthetic_source.version()
   monkeypatch.setattr(synthetic_source, 'VERSION', synthetic_source.VERSION + 1)
+  assert pretrain.default_folder(config) != before
+  monkeypatch.undo()
+  assert pretrain.default_folder(config) == before
+  # The source draws with the demo's drawing functions: their version is part of the key too.
+  monkeypatch.setattr(synthetic_source.synthetic, 'VERSION', synthetic_source.synthetic.VERSION + 1)
   assert pretrain.default_folder(config) != before
   config.data.root = '/data/my_source'  # a folder of the user's: its contents are theirs to version
   assert 'source_version' not in pretrain.settings_of(config)

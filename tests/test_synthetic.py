@@ -44,6 +44,40 @@ def test_layout_splits_and_labels(tmp_path):
   assert record['mask'].max() < synthetic.NUM_CLASSES
 
 
+def test_choose_labeled_covers_every_class_then_follows_the_permutation():
+  """Hand-checked: pole (6) is only in images 3 and 5; seed 1's permutation is [4 0 2 1 5 3].
+
+  One image per class: take 4 (classes 0-5), skip 0, 2, 1 (nothing new), take 5 (pole); a plain
+  draw of 2 (images 4 and 0) has no pole. Two images per class: 4 (0-5 once), 0 (0, 1, 2
+  twice), 2 (4 twice), 1 (3 twice), 5 (pole once), 3 (5 twice, pole twice).
+  """
+  images = [{0, 1, 2}, {0, 1, 3}, {0, 1, 4}, {0, 5, 6}, {0, 1, 2, 3, 4, 5}, {0, 6}]
+  assert np.random.default_rng(1).permutation(6).tolist() == [4, 0, 2, 1, 5, 3]
+  assert synthetic.choose_labeled(images, 2, np.random.default_rng(1), images_per_class=1) == {4, 5}
+  # Three slots, one image per class: the third follows the permutation after the cover (0).
+  assert synthetic.choose_labeled(images, 3, np.random.default_rng(1), images_per_class=1) == {4, 5, 0}
+  # Two images per class (the default): the walk above, cut at the slots.
+  assert synthetic.choose_labeled(images, 3, np.random.default_rng(1)) == {4, 0, 2}
+  assert synthetic.choose_labeled(images, 6, np.random.default_rng(1)) == set(range(6))
+  # One slot cannot cover: the first image that adds anything.
+  assert synthetic.choose_labeled(images, 1, np.random.default_rng(1)) == {4}
+  # Every class in every image: the plain draw.
+  assert synthetic.choose_labeled([{0}] * 6, 2, np.random.default_rng(1)) == {4, 0}
+  assert synthetic.choose_labeled([{0}] * 6, 3, np.random.default_rng(1)) == {4, 0, 2}
+
+
+def test_the_labeled_images_show_every_class_the_train_images_show(tmp_path):
+  """Each class the train images show is in at least two of the 4 labeled ones."""
+  root = synthetic.generate(tmp_path / 'd', seed=0, num_train=24, num_labeled=4, num_val=1, size=(64, 128))
+
+  def shown(split):
+    return [set(np.unique(np.asarray(Image.open(root / e.mask))).tolist()) - {255}
+            for e in sources.read_split_file(root / 'splits' / split)]
+  labeled, every = shown('labeled.txt'), shown('train_all.txt')
+  for label in set().union(*every):
+    assert sum(label in image for image in labeled) >= 2, label
+
+
 def test_scenes_hold_several_classes_and_colour_alone_does_not_name_them():
   # Pixel colour -> majority class, learned on 40 scenes and scored on 40 others: if colour gave the
   # class away this would be near 100%; shape, texture and context must carry the rest.
@@ -154,5 +188,6 @@ def test_the_demo_methods_train_equally_long_and_evaluate_at_the_same_steps(tmp_
     config.data.root = str(tmp_path)
     plan = train.make_plan(config, train.open_train_sources(config, None))
     plans[method] = (plan.schedule_steps, plan.eval_steps(config.eval.every_epochs))
-  # 384 unlabeled images at batch 4: 96 steps per epoch, 6 epochs, evaluated every 2.
-  assert plans['uccl'] == plans['unimatch'] == plans['supervised'] == (576, [192, 384, 576])
+  # 396 unlabeled images at batch 4: 99 steps per epoch, 6 epochs, evaluated every 2; the
+  # supervised variant: 4 labeled images, 1 step per epoch, 594 epochs, evaluated every 198.
+  assert plans['uccl'] == plans['unimatch'] == plans['supervised'] == (594, [198, 396, 594])

@@ -138,6 +138,17 @@ def test_saves_and_evaluates_on_schedule(tmp_path, monkeypatch):
   assert all(math.isfinite(r['step_time']) for r in records if r['kind'] == 'train')
 
 
+def test_epochs_shorter_than_a_logging_interval_do_not_save_each_epoch(tmp_path, monkeypatch):
+  """4 labeled images, batch 4, no unlabeled list: every step ends an epoch. Saves then follow
+  checkpoint.every_steps, the evaluations and the end only, not every step."""
+  result, evaluated = _run(tmp_path, monkeypatch, last_step=9, every_steps=4, eval_every=3,
+                           steps_per_epoch=1, log_every=2)
+  assert result.step == 9 and len(evaluated) == 3
+  manager = checkpoint.RunCheckpoints(tmp_path / 'checkpoints', read_only=True)
+  # every 4 steps (4, 8), the evaluations every 3 one-step epochs (3, 6, 9), the end (9).
+  assert manager.all_steps() == [3, 4, 6, 8, 9]
+
+
 def test_steps_between_logging_steps_copy_nothing_to_the_host(tmp_path, monkeypatch,
                                                                cpu_transfer_guard):
   """The per-step path (prefetch, step, finite watch, progress) under a guard that forbids every

@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   minutes on a 2-core CPU. Length and rate were chosen by the demo runs in
   docs/RESULTS.md section 2c on the first source (version 2): longer pretraining
   raised the source val mIoU and, with it, the demo's supervised baseline; they
-  were kept for the generic-shapes source (2c-2). Learning rate: the whole network learns
+  were kept for the later sources (2c-2, 2c-3). Learning rate: the whole network learns
   from scratch here, so backbone and head share one rate (lr_multi 1), as an
   ImageNet training would.
   """
@@ -116,7 +116,7 @@ def settings_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings = {'version': VERSION, 'config': changed}
   if config.data.name == 'synthetic_source' and not config.data.root:
     # The generated source's own version: a changed generator makes other images, so other weights.
-    settings['source_version'] = synthetic_source.VERSION
+    settings['source_version'] = synthetic_source.version()
   return settings
 
 

@@ -15,9 +15,11 @@ What a run does, in order:
 3. Runs the jitted step (state donated) on global batches built from each
    process's pipeline batches and prefetched to the devices two deep, logs
    every `train.log_every_steps`, saves every `checkpoint.every_steps`, at each
-   epoch end, at the end and at the first logging step after
-   `checkpoint.every_minutes` without a save (process 0's clock decides for
-   all), evaluates every `eval.every_epochs` epochs and at the end (the mIoU is
+   epoch end (unless epochs are shorter than `train.log_every_steps`: a few
+   labeled images and no unlabeled list make every step an epoch end, and a
+   save per step would cost more than the step), at the end and at the first
+   logging step after `checkpoint.every_minutes` without a save (process 0's
+   clock decides for all), evaluates every `eval.every_epochs` epochs and at the end (the mIoU is
    attached to the checkpoint of that step, so 'best' can be restored later).
 4. SIGTERM (preemption) or Ctrl-C: finishes the current step, saves, exits cleanly (a
    second Ctrl-C stops at once). One
@@ -593,7 +595,8 @@ def run_loop(config: ml_collections.ConfigDict, plan: RunPlan, model: Any, mesh:
       final = step == plan.last_step
       log_now = step % log_every == 0 or final
       evaluate_now = step in eval_steps
-      save_now = final or plan.is_epoch_end(step) or evaluate_now or step % save_every == 0
+      save_now = (final or evaluate_now or step % save_every == 0
+                  or (plan.is_epoch_end(step) and plan.steps_per_epoch >= log_every))
       # checkpoint.every_minutes: judged at logging steps only (process 0's clock with several).
       save_due = log_now and save_seconds > 0 and _clock() - last_save >= save_seconds
       preempted, timed_save = preemption.decide(log_now or save_now, save_due)

@@ -94,9 +94,9 @@ def synthetic() -> ClassTable:
 
 
 # The source domain the demo's backbone is pretrained on (synthetic_source.py draws them).
-SYNTHETIC_SOURCE_NAMES = ('backdrop', 'disc', 'ring', 'triangle', 'star', 'cross', 'panel', 'blob')
-SYNTHETIC_SOURCE_COLORS = ((0, 0, 0), (255, 128, 0), (0, 200, 200), (220, 20, 60), (220, 220, 0),
-                           (0, 0, 142), (70, 70, 70), (107, 142, 35))
+SYNTHETIC_SOURCE_NAMES = ('backdrop', 'facade', 'foliage', 'vehicle', 'figure', 'post', 'disc', 'stripes')
+SYNTHETIC_SOURCE_COLORS = ((0, 0, 0), (70, 70, 70), (107, 142, 35), (0, 0, 142), (220, 20, 60),
+                           (220, 220, 0), (255, 128, 0), (0, 200, 200))
 
 
 def synthetic_source() -> ClassTable:
