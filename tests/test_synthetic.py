@@ -47,17 +47,18 @@ def test_layout_splits_and_labels(tmp_path):
 def test_choose_labeled_covers_every_class_then_follows_the_permutation():
   """Hand-checked: pole (6) is only in images 3 and 5; seed 1's permutation is [4 0 2 1 5 3].
 
-  One image per class: take 4 (classes 0-5), skip 0, 2, 1 (nothing new), take 5 (pole); a plain
-  draw of 2 (images 4 and 0) has no pole. Two images per class: 4 (0-5 once), 0 (0, 1, 2
-  twice), 2 (4 twice), 1 (3 twice), 5 (pole once), 3 (5 twice, pole twice).
+  First every class once: take 4 (classes 0-5), skip 0, 2, 1 (nothing new), take 5 (pole);
+  a plain draw of 2 (images 4 and 0) has no pole. Then classes shown once: 0 (classes 1-2),
+  2 (4), 1 (3), 3 (5 and 6).
   """
   images = [{0, 1, 2}, {0, 1, 3}, {0, 1, 4}, {0, 5, 6}, {0, 1, 2, 3, 4, 5}, {0, 6}]
   assert np.random.default_rng(1).permutation(6).tolist() == [4, 0, 2, 1, 5, 3]
   assert synthetic.choose_labeled(images, 2, np.random.default_rng(1), images_per_class=1) == {4, 5}
   # Three slots, one image per class: the third follows the permutation after the cover (0).
   assert synthetic.choose_labeled(images, 3, np.random.default_rng(1), images_per_class=1) == {4, 5, 0}
-  # Two images per class (the default): the walk above, cut at the slots.
-  assert synthetic.choose_labeled(images, 3, np.random.default_rng(1)) == {4, 0, 2}
+  # Two images per class (the default): every class once first, then the second walk.
+  assert synthetic.choose_labeled(images, 3, np.random.default_rng(1)) == {4, 5, 0}
+  assert synthetic.choose_labeled(images, 5, np.random.default_rng(1)) == {4, 5, 0, 2, 1}
   assert synthetic.choose_labeled(images, 6, np.random.default_rng(1)) == set(range(6))
   # One slot cannot cover: the first image that adds anything.
   assert synthetic.choose_labeled(images, 1, np.random.default_rng(1)) == {4}
@@ -67,7 +68,8 @@ def test_choose_labeled_covers_every_class_then_follows_the_permutation():
 
 
 def test_the_labeled_images_show_every_class_the_train_images_show(tmp_path):
-  """Each class the train images show is in at least two of the 4 labeled ones."""
+  """Each class the train images show is in at least one of the 4 labeled ones (two where the
+  slots allow: sky and ground are in every image)."""
   root = synthetic.generate(tmp_path / 'd', seed=0, num_train=24, num_labeled=4, num_val=1, size=(64, 128))
 
   def shown(split):
@@ -75,7 +77,7 @@ def test_the_labeled_images_show_every_class_the_train_images_show(tmp_path):
             for e in sources.read_split_file(root / 'splits' / split)]
   labeled, every = shown('labeled.txt'), shown('train_all.txt')
   for label in set().union(*every):
-    assert sum(label in image for image in labeled) >= 2, label
+    assert sum(label in image for image in labeled) >= 1, label
 
 
 def test_scenes_hold_several_classes_and_colour_alone_does_not_name_them():
