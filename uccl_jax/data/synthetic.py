@@ -17,9 +17,10 @@ image its own gain, contrast, saturation, colour cast, haze and blur.
 
 Version 2 draws persons and poles about 1.6 and 2 times as large as version 1
 did: at 2-7 pixels wide no run, even with every image labeled, learned them
-(docs/RESULTS.md 2c). Version 4 labels 4 of the 400 train images by default
-instead of 16, drawn so that every class is labeled (`choose_labeled`), and draws poles wider (6 instead of 5 pixels at scale 1,
-at least 4), with larger signs, and 1-3 of them per image instead of 0-2: with
+(docs/RESULTS.md 2c). Version 4 (3 was an unreleased step) labels 4 of the
+400 train images by default instead of 16, drawn so that every class is
+labeled (`choose_labeled`), and draws poles wider (6 instead of 5 pixels at
+scale 1, at least 4), with larger signs, and 1-3 of them per image instead of 0-2: with
 4 labeled images, one or two thin poles were too little to learn the class
 from (docs/RESULTS.md 2a and 2c-3). Version 5 draws the same images; its
 `choose_labeled` covers every class once before it covers any twice (version
@@ -335,7 +336,8 @@ def generate(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = DE
   """Writes the dataset under `root` (which must not hold a dataset already) and returns `root`.
 
   The labeled images are `num_labeled` train images drawn with `seed` so that every class is
-  labeled somewhere (`choose_labeled`); the unlabeled list holds the other train images; `train_all.txt` lists every train image with its mask.
+  labeled somewhere (`choose_labeled`); the unlabeled list holds the other train images;
+  `train_all.txt` lists every train image with its mask.
   """
   if not 0.0 <= difficulty <= 1.0:
     raise ValueError(f'difficulty must lie in [0, 1], not {difficulty}')
