@@ -30,8 +30,9 @@ weights (docs/RESULTS.md compares both).
 The budget and why (docs/RESULTS.md 2a and 2c-3):
 - 4 labeled images. Semi-supervised learning pays where labels are few for
   what the backbone already knows, as Pascal's 92 labels are for an ImageNet
-  backbone. With 16 labeled images this backbone needed nothing more: 16 did
-  as well as all 400 labeled, so the unlabeled images had nothing to add. With
+  backbone. With 16 labeled images a backbone of this kind (the first footing,
+  docs/RESULTS.md 2e) needed nothing more: 16 did as well as all 400 labeled,
+  so the unlabeled images had nothing to add. With
   4, supervised-only falls far short of all labels, and the unlabeled images
   can close much of the gap. A backbone of generic shapes only (no objects;
   the source's version 4) learned persons, poles and cars barely with any
@@ -48,7 +49,7 @@ The budget and why (docs/RESULTS.md 2a and 2c-3):
   pseudo-label losses, `sbu.threshold` for SBU's uncertain pixels; see
   configs/cityscapes.py for why they are separate fields).
 - BN running statistics as released (`unsup.bn_stats_from_strong=True`).
-What it shows: docs/RESULTS.md section 2a (three methods, three seeds).
+What it shows: docs/RESULTS.md section 2a (three methods, five seeds).
 `python -m uccl_jax.benchmark teacher` shows what the pseudo-labels train on
 for any run.
 """
