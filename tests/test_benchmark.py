@@ -334,6 +334,18 @@ def test_schedule_must_be_whole_epochs():
     ablation.schedule_overrides(100, 50, 48, row=row)
 
 
+def test_ablation_defaults_are_the_demos_dataset_and_budget():
+  """The plain command ablates the demo itself: its dataset, its steps, its evaluations."""
+  from uccl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  parsed = ablation._parse_flags([])  # pylint: disable=protected-access
+  assert (parsed.num_train, parsed.num_labeled) == (synthetic.DEMO_NUM_TRAIN,
+                                                    synthetic.DEMO_NUM_LABELED)
+  config = parsed.config  # configs/synthetic.py, the uccl variant
+  steps_per_epoch = (parsed.num_train - parsed.num_labeled) // config.train.batch_size
+  assert parsed.steps == config.train.epochs * steps_per_epoch
+  assert parsed.eval_every == config.eval.every_epochs * steps_per_epoch
+
+
 def test_ablation_command_trains_missing_runs_only_and_writes_results(tmp_path, monkeypatch,
                                                                        capsys):
   """End to end with the training subprocess replaced by a fake: plan, skip, resume, report."""

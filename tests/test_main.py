@@ -151,7 +151,7 @@ def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, fou
   logged = f'mIoU: {evals[0]["miou"]:.2f}'
 
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if p.is_file()}
-  proc = run_main(f'--config=configs/synthetic.py', f'--workdir={workdir}',
+  proc = run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
                   f'--config.data.root={tiny_dataset}', *TINY_FLAGS, '--mode=eval')
   check_ok(proc)
   assert eval_miou_line(proc.stdout) == logged
@@ -160,19 +160,19 @@ def test_end_to_end_train_then_eval_reproduces_the_logged_miou(tiny_dataset, fou
   assert before == after  # evaluation writes nothing into the run folder
   assert not foreign_log_lines(proc.stderr), proc.stderr
   # --log_level brings the libraries' lines back (the default above hid them).
-  proc = run_main(f'--config=configs/synthetic.py', f'--workdir={workdir}',
+  proc = run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
                   f'--config.data.root={tiny_dataset}', *TINY_FLAGS, '--mode=eval',
                   '--log_level=warning')
   check_ok(proc)
   assert 'Given directory is read only' in proc.stderr and foreign_log_lines(proc.stderr)
 
   # A step folder given directly, and a step that does not exist.
-  proc = run_main(f'--config=configs/synthetic.py', f'--workdir={tmp_path / "elsewhere"}',
+  proc = run_main('--config=configs/synthetic.py', f'--workdir={tmp_path / "elsewhere"}',
                   f'--config.data.root={tiny_dataset}', *TINY_FLAGS, '--mode=eval',
                   f'--checkpoint={workdir / "checkpoints" / "4"}')
   check_ok(proc)
   assert eval_miou_line(proc.stdout) == logged
-  proc = run_main(f'--config=configs/synthetic.py', f'--workdir={workdir}',
+  proc = run_main('--config=configs/synthetic.py', f'--workdir={workdir}',
                   f'--config.data.root={tiny_dataset}', *TINY_FLAGS, '--mode=eval',
                   '--checkpoint=3')
   assert 'no checkpoint at step 3 (saved steps: [2, 4])' in error_line(proc)

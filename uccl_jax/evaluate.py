@@ -58,7 +58,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from uccl_jax import inputs
-from uccl_jax.data import transforms
 
 MODES = ('original', 'center_crop', 'sliding_window')
 

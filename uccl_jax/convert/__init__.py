@@ -59,5 +59,40 @@ from uccl_jax.convert.weights import load_pretrained_variables
 from uccl_jax.convert.weights import read_any_variables
 from uccl_jax.convert.weights import read_run_variables
 
+# The package's public names (the imports above exist to re-export them).
+__all__ = [
+    'Architecture',
+    'check_architecture',
+    'detect_architecture',
+    'KIND_BACKBONE',
+    'KIND_DEEPLAB',
+    'main',
+    'CONVERTED_FORMAT',
+    'CONVERTED_INFO',
+    'CONVERTED_VARIABLES',
+    'is_converted',
+    'read_converted',
+    'read_converted_info',
+    'write_converted',
+    'ConversionError',
+    'export_torch',
+    'torch_state_dict',
+    'convert_torch_file',
+    'check_variables',
+    'flatten',
+    'merge_variables',
+    'torch_key',
+    'unflatten',
+    'variables_from_torch',
+    'file_sha256',
+    'load_torch_file',
+    'state_dict_of',
+    'find_run_checkpoint',
+    'load_model_variables',
+    'load_pretrained_variables',
+    'read_any_variables',
+    'read_run_variables',
+]
+
 # The name tests/test_models.py and tests/test_remat.py use for keys.flatten.
 _flatten = flatten
