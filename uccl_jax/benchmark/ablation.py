@@ -40,7 +40,7 @@ supervised, UniMatch and UCCL rows are the demo's runs, seed for seed (docs/
 RESULTS.md 2a and 2b). The earlier default, 196 images and 288 steps, showed
 no semi-supervised gain where the demo's budget does (RESULTS 2b-2), so the
 ablation asks its question where the demo answers it. All 21 runs take about
-1.5 hours on a 2-core CPU (each row's s/step and each invocation's wall time:
+70 minutes on a 2-core CPU (each row's s/step and each invocation's wall time:
 RESULTS 2b and 2d). The step budget and the evaluation interval must be whole
 epochs of every row (the supervised rows' epoch is a pass over the labeled
 list); the schedule spans exactly the budget.
