@@ -47,7 +47,8 @@ list); the schedule spans exactly the budget.
 
   python -m uccl_jax.benchmark ablation [--seeds=3] [--steps=594] [--eval_every=198]
       [--out=docs/] [--workdir=runs/ablation] [--config=configs/synthetic.py]
-      [--config.x=value ...] [--rows=supervised,unimatch,sbu,ckr,uccl]
+      [--config.x=value ...]
+      [--rows=supervised,unimatch,sbu,ckr,uccl,uccl_pasted,uccl_paper]
 """
 
 from __future__ import annotations
