@@ -150,8 +150,11 @@ local = {'x': (np.arange(4, dtype=np.float32) + 4 * process_id)[:, None] * np.on
 batch = parallel.global_batch(local, mesh)
 weighted = jax.jit(lambda b: jnp.sum(b['x'][:, 0] * jnp.arange(8.0)),
                    out_shardings=parallel.replicated_sharding(mesh))(batch)
+# Each process sees something else; both must take process 0's view.
+agreed = [parallel.agree_with_process_zero(process_id == 1),
+          parallel.agree_with_process_zero(process_id == 0)]
 print(json.dumps({'devices': mesh.size, 'shape': list(batch['x'].shape),
-                  'weighted': float(weighted), 'bad': bad}))
+                  'weighted': float(weighted), 'bad': bad, 'agreed': agreed}))
 '''
 
 
@@ -175,6 +178,7 @@ def test_two_processes_build_one_global_batch(tmp_path):
     # Rows 0..7 hold the values 0..7 in order: process 0's rows first.
     assert result['weighted'] == sum(i * i for i in range(8))
     assert 'train.batch_size=6' in result['bad']
+    assert result['agreed'] == [False, True]  # process 0's answers, in both processes
 
 
 def test_sharded_step_equals_single_device_step():

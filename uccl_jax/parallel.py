@@ -130,6 +130,23 @@ def initialize_distributed(coordinator_address: str | None = None,
   return True
 
 
+def agree_with_process_zero(value: bool) -> bool:
+  """Process 0's `value`, in every process (a collective: every process must call it).
+
+  Why: a decision made from what a process sees on disk can differ between
+  processes when one of them writes there a moment later (process 0 creating
+  the checkpoints folder while a slower process is still looking for it), and
+  orbax synchronises the processes in what such decisions lead to; taking
+  process 0's view makes the decision one. For start-up decisions only: it
+  waits for every process.
+  """
+  if jax.process_count() == 1:
+    return bool(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  with jax.transfer_guard_device_to_host('allow'):
+    return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(bool(value)))))
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None, *, shape: Sequence[int] = (-1,),
               axes: Sequence[str] = (DATA_AXIS,)) -> Mesh:
   """A mesh over `devices` (default: all devices of all processes) with `shape` and `axes`.

@@ -460,7 +460,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # backbone of a fresh run, the batch against the devices, every file the data lists name, and
   # a resumed run's config against its checkpoint.
   reader, latest = None, None
-  if os.path.isdir(checkpoints_dir):
+  # Process 0's view: it creates the folder below, maybe before a slower process looks.
+  if parallel.agree_with_process_zero(os.path.isdir(checkpoints_dir)):
     reader = checkpoint_lib.RunCheckpoints(checkpoints_dir, read_only=True)
     latest = reader.latest_step()
   generated_backbone = str(config.model.pretrained).strip() == GENERATED_BACKBONE
